@@ -1,0 +1,116 @@
+//! `beemesh ticket issue`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use beemesh_manifest::SecretKey;
+use beemesh_manifest::ticket::Ticket;
+use clap::Args;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The admission secret key (its public half is `[trust] admission` in host.toml).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+
+    /// Bind the ticket to one node's PeerId (`beemesh status` shows it). Without it, the
+    /// ticket is a fleet ticket: it admits any node that holds it.
+    #[arg(long, value_name = "PEER_ID")]
+    peer: Option<String>,
+
+    /// When the ticket stops admitting: an RFC 3339 time, or a duration from now such as
+    /// `720h`. Default: never (prefer an expiry for fleet tickets).
+    #[arg(long, value_name = "TIME|DURATION", value_parser = parse_expiry)]
+    expires: Option<Expiry>,
+
+    /// Where to write the ticket (a new file; existing files are not overwritten).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    At(OffsetDateTime),
+    After(beemesh_manifest::Duration),
+}
+
+fn parse_expiry(s: &str) -> Result<Expiry, String> {
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(Expiry::At(t));
+    }
+    s.parse::<beemesh_manifest::Duration>()
+        .map(Expiry::After)
+        .map_err(|_| {
+            format!(
+                "{s:?} is neither an RFC 3339 time (2027-01-01T00:00:00Z) nor a duration (720h)"
+            )
+        })
+}
+
+fn check_peer_id(p: &str) -> anyhow::Result<()> {
+    let base58 = |c: char| c.is_ascii_alphanumeric() && !matches!(c, '0' | 'O' | 'I' | 'l');
+    if p.len() < 40 || p.len() > 128 || !p.chars().all(base58) {
+        anyhow::bail!("--peer {p:?} is not a libp2p PeerId (base58, like 12D3KooW...)");
+    }
+    Ok(())
+}
+
+pub fn issue(a: &IssueArgs, format: Format) -> anyhow::Result<()> {
+    if let Some(p) = &a.peer {
+        check_peer_id(p)?;
+    }
+    let key = SecretKey::load(&a.key)?;
+    let now = OffsetDateTime::now_utc();
+    let expires = a.expires.map(|e| match e {
+        Expiry::At(t) => t,
+        Expiry::After(d) => {
+            now + time::Duration::milliseconds(d.as_millis().min(i64::MAX as u64) as i64)
+        }
+    });
+    if let Some(e) = expires
+        && e <= now
+    {
+        anyhow::bail!("--expires is in the past; the ticket would admit nobody");
+    }
+    let ticket = Ticket::issue(&key, a.peer.clone(), now, expires);
+    write_new(&a.out, ticket.to_toml().as_bytes())?;
+    let expires_text = ticket.expires.and_then(|e| e.format(&Rfc3339).ok());
+    match format {
+        Format::Text => eprintln!(
+            "{} ticket written to {} (admission key {}, {})",
+            if ticket.is_fleet() { "fleet" } else { "peer" },
+            a.out.display(),
+            ticket.key,
+            expires_text
+                .as_deref()
+                .map_or("never expires".to_owned(), |e| format!("expires {e}")),
+        ),
+        Format::Json => output::json(&json!({
+            "file": a.out,
+            "fleet": ticket.is_fleet(),
+            "peer": ticket.peer,
+            "admission_key": ticket.key.to_string(),
+            "expires": expires_text,
+        }))?,
+    }
+    Ok(())
+}
+
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,740 @@
+//! End-to-end tests of the `beemesh` binary: exit codes, messages and files, as an operator
+//! sees them.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use tempfile::TempDir;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn example(name: &str) -> PathBuf {
+    repo().join("examples").join(name)
+}
+
+fn beemesh() -> Command {
+    let mut c = Command::cargo_bin("beemesh").expect("binary is built");
+    c.env_remove("BEEMESH_API");
+    c
+}
+
+fn stdout_of(c: &mut Command) -> String {
+    let out = c.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// Generates a key in `dir` and returns (path, public key).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let public = stdout_of(beemesh().args(["key", "gen", "--out"]).arg(&path));
+    (path, public.trim().to_owned())
+}
+
+fn sign(manifest: &Path, key: &Path, out: &Path) {
+    beemesh()
+        .arg("sign")
+        .arg(manifest)
+        .arg("--key")
+        .arg(key)
+        .arg("--out")
+        .arg(out)
+        .assert()
+        .success();
+}
+
+/// A host config trusting `signers` with `threshold`.
+fn host_config(dir: &Path, signers: &[&str], threshold: u32) -> PathBuf {
+    let text = fs::read_to_string(example("host.toml")).expect("example host.toml");
+    let list = signers
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("signers = ") {
+            out.push_str(&format!("signers = [{list}]\n"));
+        } else if line.starts_with("threshold = ") {
+            out.push_str(&format!("threshold = {threshold}\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let path = dir.join("host.toml");
+    fs::write(&path, out).expect("write host.toml");
+    path
+}
+
+#[test]
+fn key_gen_writes_a_private_file_and_never_overwrites() {
+    let dir = TempDir::new().expect("tempdir");
+    let (path, public) = keygen(dir.path(), "op.key");
+    assert!(public.starts_with("ed25519:"), "{public}");
+    let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let before = fs::read(&path).expect("read");
+    beemesh()
+        .args(["key", "gen", "--out"])
+        .arg(&path)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "already exists; refusing to overwrite",
+        ));
+    assert_eq!(fs::read(&path).expect("read"), before);
+    let shown = stdout_of(beemesh().args(["key", "show"]).arg(&path));
+    assert_eq!(shown.trim(), public);
+    let json: serde_json::Value = serde_json::from_str(&stdout_of(
+        beemesh().args(["key", "show", "-o", "json"]).arg(&path),
+    ))
+    .expect("json");
+    assert_eq!(json["public_key"], public.as_str());
+}
+
+#[test]
+fn sign_then_verify_with_signer_and_with_host_config() {
+    let dir = TempDir::new().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "op.key");
+    let signed = dir.path().join("hello.signed.toml");
+    sign(&example("hello.toml"), &key, &signed);
+    // The embedded manifest is the example's exact bytes.
+    let envelope = fs::read_to_string(&signed).expect("read");
+    assert!(envelope.starts_with("manifest = \"\"\"\n"));
+    beemesh()
+        .arg("verify")
+        .arg(&signed)
+        .arg("--signer")
+        .arg(&key)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "ok: default/hello generation 1 (sha256:",
+        ));
+    let host = host_config(dir.path(), &[&public], 1);
+    let out = stdout_of(
+        beemesh()
+            .args(["verify", "-o", "json", "--trust"])
+            .arg(&host)
+            .arg(&signed),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["name"], "hello");
+    let digest = v["content_id"].as_str().expect("content id");
+    let expected = {
+        use sha2::Digest;
+        let sum = sha2::Sha256::digest(fs::read(example("hello.toml")).expect("read"));
+        format!(
+            "sha256:{}",
+            sum.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    };
+    assert_eq!(
+        digest, expected,
+        "content id is the SHA-256 of the manifest bytes"
+    );
+}
+
+#[test]
+fn threshold_collects_signatures_from_distinct_keys() {
+    let dir = TempDir::new().expect("tempdir");
+    let (a, _) = keygen(dir.path(), "a.key");
+    let (b, _) = keygen(dir.path(), "b.key");
+    let signed = dir.path().join("s.toml");
+    sign(&example("hello.toml"), &a, &signed);
+    let verify2 = || {
+        let mut c = beemesh();
+        c.arg("verify")
+            .arg(&signed)
+            .arg("--signer")
+            .arg(&a)
+            .arg("--signer")
+            .arg(&b)
+            .args(["--threshold", "2"]);
+        c
+    };
+    verify2().assert().code(1).stderr(predicate::str::contains(
+        "1 valid signature(s) from trusted signers, 2 needed",
+    ));
+    // Signing again with the same key adds nothing.
+    sign(&signed, &a, &signed);
+    verify2().assert().code(1);
+    // The second key completes the threshold; the file is updated in place.
+    sign(&signed, &b, &signed);
+    verify2()
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("2 of 2 required signature(s)"));
+}
+
+#[test]
+fn tampered_or_foreign_signed_manifests_are_refused() {
+    let dir = TempDir::new().expect("tempdir");
+    let (a, _) = keygen(dir.path(), "a.key");
+    let (stranger, _) = keygen(dir.path(), "stranger.key");
+    let signed = dir.path().join("s.toml");
+    sign(&example("hello.toml"), &a, &signed);
+
+    let text = fs::read_to_string(&signed).expect("read");
+    let tampered = dir.path().join("tampered.toml");
+    fs::write(&tampered, text.replace("replicas = 3", "replicas = 9")).expect("write");
+    beemesh()
+        .arg("verify")
+        .arg(&tampered)
+        .arg("--signer")
+        .arg(&a)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "signature does not verify (the manifest or the signature was altered)",
+        ));
+
+    beemesh()
+        .arg("verify")
+        .arg(&signed)
+        .arg("--signer")
+        .arg(&stranger)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "key is not among the trusted signers",
+        ));
+
+    // Adding a signature to a tampered file is refused, and the file is left as it was.
+    beemesh()
+        .arg("sign")
+        .arg(&tampered)
+        .arg("--key")
+        .arg(&a)
+        .arg("--out")
+        .arg(&tampered)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "refusing to add a signature to a file that was altered",
+        ));
+    assert!(
+        fs::read_to_string(&tampered)
+            .expect("read")
+            .contains("replicas = 9")
+    );
+}
+
+#[test]
+fn expiry_is_enforced() {
+    let dir = TempDir::new().expect("tempdir");
+    let (a, _) = keygen(dir.path(), "a.key");
+    let manifest = dir.path().join("m.toml");
+    let text = fs::read_to_string(example("hello.toml"))
+        .expect("read")
+        .replace(
+            "generation = 1 ",
+            "expires = \"2020-01-01T00:00:00Z\"\ngeneration = 1 ",
+        );
+    fs::write(&manifest, text).expect("write");
+    let signed = dir.path().join("s.toml");
+    sign(&manifest, &a, &signed);
+    beemesh()
+        .arg("verify")
+        .arg(&signed)
+        .arg("--signer")
+        .arg(&a)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("expired at 2020-01-01T00:00:00Z"));
+    beemesh()
+        .arg("verify")
+        .arg(&signed)
+        .arg("--signer")
+        .arg(&a)
+        .args(["--at", "2019-12-31T23:00:00Z"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn sign_refuses_an_invalid_manifest_with_file_line_and_key() {
+    let dir = TempDir::new().expect("tempdir");
+    let (a, _) = keygen(dir.path(), "a.key");
+    let manifest = dir.path().join("bad.toml");
+    let text = fs::read_to_string(example("hello.toml"))
+        .expect("read")
+        .replace("replicas = 3", "replicas = 0")
+        .replace("memory = \"32Mi\"", "memory = \"lots\"");
+    fs::write(&manifest, text).expect("write");
+    let out = dir.path().join("out.toml");
+    beemesh()
+        .arg("sign")
+        .arg(&manifest)
+        .arg("--key")
+        .arg(&a)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("bad.toml:26:").and(predicate::str::contains(
+                "container[0].resources.memory: \"lots\" is not a valid memory quantity",
+            )),
+        );
+    assert!(!out.exists(), "nothing is written on failure");
+}
+
+#[test]
+fn config_check_accepts_the_example_and_locates_every_problem() {
+    beemesh()
+        .args(["config", "check"])
+        .arg(example("host.toml"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ok (node edge-01"));
+
+    let dir = TempDir::new().expect("tempdir");
+    let bad = dir.path().join("host.toml");
+    let text = fs::read_to_string(example("host.toml"))
+        .expect("read")
+        .replace("name = \"edge-01\"", "name = \"edge 01\"")
+        .replace("threshold = 1", "threshold = 3");
+    fs::write(&bad, text).expect("write");
+    let assert = beemesh()
+        .args(["config", "check"])
+        .arg(&bad)
+        .assert()
+        .code(1);
+    let stderr = String::from_utf8(assert.get_output().stderr.clone()).expect("utf8");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines[0].starts_with("beemesh: error: "), "{stderr}");
+    assert!(lines[0].ends_with("(and 1 more problem)"), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("host.toml:5:8: node.name: \"edge 01\" contains ' '")),
+        "{stderr}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("host.toml:17:13: trust.threshold: 3 signatures can never be collected from 1 distinct signer")),
+        "{stderr}"
+    );
+
+    let json = beemesh()
+        .args(["config", "check", "-o", "json"])
+        .arg(&bad)
+        .assert()
+        .code(1);
+    let v: serde_json::Value = serde_json::from_slice(&json.get_output().stdout).expect("json");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["diagnostics"][0]["key"], "node.name");
+    assert_eq!(v["diagnostics"][0]["line"], 5);
+}
+
+#[test]
+fn bad_input_gives_actionable_errors_not_panics() {
+    let dir = TempDir::new().expect("tempdir");
+    let cases: &[(&str, &str, &str)] = &[
+        ("malformed.toml", "[trust\ndomain = 1", "malformed.toml:1:"),
+        (
+            "unknown.toml",
+            "[trust]\ndomain = \"a.org\"\nsigners = []\nsigner = 1\n",
+            "unknown field `signer`",
+        ),
+        (
+            "types.toml",
+            "[trust]\ndomain = 7\nsigners = []\n",
+            "trust.domain: invalid type: integer `7`, expected a string",
+        ),
+        (
+            "quantity.toml",
+            "[trust]\ndomain = \"a.org\"\nsigners = [\"ed25519:Wl7TJmUNtlOsCpkmT0DMSB2e41W/NmcBK7c1uRjE+BU=\"]\n[resources]\nreserve = { cpu = \"half\" }\n",
+            "resources.reserve.cpu: \"half\" is not a valid CPU quantity",
+        ),
+        ("binary.toml", "\u{0}\u{1}\u{2}", "binary.toml:1:"),
+    ];
+    for (name, text, expect) in cases {
+        let path = dir.path().join(name);
+        fs::write(&path, text).expect("write");
+        beemesh()
+            .args(["config", "check"])
+            .arg(&path)
+            .assert()
+            .code(1)
+            .stderr(
+                predicate::str::contains(*expect).and(predicate::str::contains("panicked").not()),
+            );
+    }
+    let not_utf8 = dir.path().join("latin1.toml");
+    fs::write(&not_utf8, b"name = \"caf\xe9\"").expect("write");
+    beemesh()
+        .args(["config", "check"])
+        .arg(&not_utf8)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "not valid UTF-8 (first bad byte at offset 11)",
+        ));
+}
+
+#[test]
+fn oversized_input_is_refused_by_a_limit() {
+    let dir = TempDir::new().expect("tempdir");
+    let (a, _) = keygen(dir.path(), "a.key");
+    // A sparse 100 MiB file: refused from its size without reading it.
+    let big = dir.path().join("big.toml");
+    fs::File::create(&big)
+        .expect("create")
+        .set_len(100 << 20)
+        .expect("grow");
+    for args in [
+        vec!["config", "check"],
+        vec!["kube", "convert"],
+        vec![
+            "verify",
+            "--signer",
+            "ed25519:Wl7TJmUNtlOsCpkmT0DMSB2e41W/NmcBK7c1uRjE+BU=",
+        ],
+    ] {
+        beemesh()
+            .args(&args)
+            .arg(&big)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("larger than the limit"));
+    }
+    beemesh()
+        .arg("sign")
+        .arg(&big)
+        .arg("--key")
+        .arg(&a)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("larger than the limit"));
+    // An endless stream is cut off at the limit too.
+    beemesh()
+        .args(["config", "check", "/dev/zero"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "/dev/zero: larger than the limit of 262144 bytes",
+        ));
+}
+
+#[test]
+fn kube_convert_examples_and_refuse_unsupported_fields() {
+    for file in ["deployment.yaml", "statefulset.yaml"] {
+        let out = stdout_of(
+            beemesh()
+                .args(["kube", "convert"])
+                .arg(example(&format!("kube/{file}"))),
+        );
+        assert!(out.contains("api = \"beemesh/v1\""), "{out}");
+    }
+    let sts = stdout_of(
+        beemesh()
+            .args(["kube", "convert", "-o", "json"])
+            .arg(example("kube/statefulset.yaml")),
+    );
+    let v: serde_json::Value = serde_json::from_str(&sts).expect("json");
+    let manifest = v[0]["manifest"].as_str().expect("manifest text");
+    assert!(manifest.contains("mode = \"strong\""), "{manifest}");
+
+    let dir = TempDir::new().expect("tempdir");
+    let bad = dir.path().join("hostpath.yaml");
+    fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: c\n    image: busybox\n  volumes:\n  - name: h\n    hostPath:\n      path: /etc\n",
+    )
+    .expect("write");
+    beemesh()
+        .args(["kube", "convert"])
+        .arg(&bad)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("spec.volumes[0].hostPath"));
+
+    // --out-dir writes one file per manifest, each of which can be signed as it is.
+    let out_dir = dir.path().join("out");
+    beemesh()
+        .args(["kube", "convert", "--generation", "7", "--out-dir"])
+        .arg(&out_dir)
+        .arg(example("kube/deployment.yaml"))
+        .assert()
+        .success();
+    let (key, _) = keygen(dir.path(), "k.key");
+    let mut files: Vec<_> = fs::read_dir(&out_dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for f in &files {
+        let text = fs::read_to_string(f).expect("read");
+        assert!(text.contains("generation = 7"), "{text}");
+        sign(f, &key, &dir.path().join("x.signed.toml"));
+    }
+    // A second run refuses to overwrite and writes nothing.
+    beemesh()
+        .args(["kube", "convert", "--out-dir"])
+        .arg(&out_dir)
+        .arg(example("kube/deployment.yaml"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("refusing to overwrite"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    beemesh().assert().code(2);
+    beemesh().arg("frobnicate").assert().code(2);
+    beemesh().args(["key", "gen"]).assert().code(2);
+    beemesh()
+        .args(["verify", "x.toml"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--trust"));
+    beemesh()
+        .args(["verify", "x.toml", "--signer", "k", "--threshold", "0"])
+        .assert()
+        .code(2);
+    beemesh()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("First steps"));
+}
+
+#[test]
+fn ticket_issue_writes_fleet_and_peer_tickets() {
+    let dir = TempDir::new().expect("tempdir");
+    let (adm, public) = keygen(dir.path(), "adm.key");
+    let fleet = dir.path().join("fleet.ticket");
+    beemesh()
+        .args(["ticket", "issue", "--expires", "720h", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(&fleet)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("fleet ticket written"));
+    let text = fs::read_to_string(&fleet).expect("read");
+    assert!(text.contains(&format!("key = \"{public}\"")), "{text}");
+    assert!(text.contains("expires = "), "{text}");
+    assert!(!text.contains("peer = "), "{text}");
+    let mode = fs::metadata(&fleet).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Never overwritten.
+    beemesh()
+        .args(["ticket", "issue", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(&fleet)
+        .assert()
+        .code(1);
+    let peer = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+    let bound = dir.path().join("peer.ticket");
+    let v: serde_json::Value = serde_json::from_str(&stdout_of(
+        beemesh()
+            .args(["ticket", "issue", "-o", "json", "--peer", peer, "--key"])
+            .arg(&adm)
+            .arg("--out")
+            .arg(&bound),
+    ))
+    .expect("json");
+    assert_eq!(v["fleet"], false);
+    assert_eq!(v["peer"], peer);
+    for (args, err) in [
+        (vec!["--peer", "not-a-peer"], "is not a libp2p PeerId"),
+        (vec!["--expires", "2001-01-01T00:00:00Z"], "in the past"),
+    ] {
+        beemesh()
+            .args(["ticket", "issue"])
+            .args(&args)
+            .arg("--key")
+            .arg(&adm)
+            .arg("--out")
+            .arg(dir.path().join("x.ticket"))
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(err));
+    }
+    beemesh()
+        .args(["ticket", "issue", "--expires", "soon", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(dir.path().join("y.ticket"))
+        .assert()
+        .code(2);
+}
+
+/// A `beemesh node` process, killed when dropped.
+struct NodeProcess(std::process::Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn remote_commands_against_a_running_node() {
+    let dir = TempDir::new().expect("tempdir");
+    let (op, op_pub) = keygen(dir.path(), "op.key");
+    let (adm, adm_pub) = keygen(dir.path(), "adm.key");
+    let ticket = dir.path().join("ticket");
+    beemesh()
+        .args(["ticket", "issue", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(&ticket)
+        .assert()
+        .success();
+    let sock = dir.path().join("api.sock");
+    let host = dir.path().join("host.toml");
+    fs::write(
+        &host,
+        format!(
+            "[node]\nname = \"solo\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+             [trust]\ndomain = \"example.org\"\nsigners = [\"{op_pub}\"]\nadmission = \"{adm_pub}\"\nticket = \"{}\"\n\
+             [api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"required\"\n",
+            dir.path().join("data").display(),
+            ticket.display(),
+            sock.display()
+        ),
+    )
+    .expect("host.toml");
+    let log = fs::File::create(dir.path().join("node.log")).expect("log");
+    let _node = NodeProcess(
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
+            .args(["node", "--config"])
+            .arg(&host)
+            .stderr(log)
+            .spawn()
+            .expect("node starts"),
+    );
+    let api = |c: &mut Command| {
+        c.arg("--api").arg(&sock);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut c = beemesh();
+        api(&mut c);
+        if c.args(["status", "-o", "json"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node API never answered: {}",
+            fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let mut c = beemesh();
+    api(&mut c);
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout_of(c.args(["status", "-o", "json"]))).expect("json");
+    assert_eq!(status["name"], "solo");
+    assert_eq!(status["peers"], 0);
+    // The daemon confined itself before serving: Landlock (this kernel has it), no_new_privs,
+    // no capabilities.
+    let sandbox = &status["sandbox"];
+    assert_eq!(sandbox["mode"], "required", "{sandbox}");
+    assert!(
+        sandbox["landlock"]["abi"]
+            .as_i64()
+            .is_some_and(|abi| abi >= 1),
+        "{sandbox}"
+    );
+    assert_eq!(sandbox["no_new_privs"], true, "{sandbox}");
+    assert_eq!(
+        sandbox["capabilities"]["effective"],
+        serde_json::json!([]),
+        "{sandbox}"
+    );
+    assert!(
+        status["peer_id"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("12D3KooW")),
+        "{status}"
+    );
+
+    let signed = dir.path().join("hello.signed.toml");
+    sign(&example("hello.toml"), &op, &signed);
+    let mut c = beemesh();
+    api(&mut c);
+    c.arg("apply")
+        .arg(&signed)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "default/hello generation 1 accepted",
+        ));
+    let mut c = beemesh();
+    api(&mut c);
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout_of(c.args(["get", "workloads", "-o", "json"]))).expect("json");
+    assert_eq!(list[0]["name"], "hello");
+    assert_eq!(list[0]["generation"], 1);
+    assert_eq!(list[0]["replicas"], 3);
+    assert!(list[0]["placements"].is_array());
+
+    // A manifest signed by a stranger is refused with the reason.
+    let (stranger, _) = keygen(dir.path(), "stranger.key");
+    let foreign = dir.path().join("foreign.toml");
+    let text = fs::read_to_string(example("hello.toml"))
+        .expect("read")
+        .replace("generation = 1 ", "generation = 5 ");
+    let unsigned = dir.path().join("m.toml");
+    fs::write(&unsigned, text).expect("write");
+    sign(&unsigned, &stranger, &foreign);
+    let mut c = beemesh();
+    api(&mut c);
+    c.arg("apply").arg(&foreign).assert().code(1).stderr(
+        predicate::str::contains("403")
+            .and(predicate::str::contains("not among the trusted signers")),
+    );
+
+    // delete signs a tombstone one generation up.
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["delete", "default/hello", "--key"])
+        .arg(&op)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "default/hello deleted (generation 2)",
+        ));
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["get", "workloads"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("deleted"));
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["get", "peers", "-o", "json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("[]"));
+
+    // No node at the given socket: a clear error.
+    beemesh()
+        .args(["status", "--api"])
+        .arg(dir.path().join("nothing.sock"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot reach the node API"));
+}

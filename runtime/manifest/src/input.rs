@@ -1,0 +1,147 @@
+//! Bounded reads of operator files, and atomic writes.
+//!
+//! Everything the runtime reads from outside the process goes through here with a size limit,
+//! so a 100 MiB (or endless) file is refused after reading at most `limit + 1` bytes.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Largest workload manifest accepted (bytes).
+pub const MAX_MANIFEST_BYTES: u64 = 256 * 1024;
+/// Largest signed manifest accepted: the manifest (escaped) plus signatures.
+pub const MAX_SIGNED_BYTES: u64 = 2 * MAX_MANIFEST_BYTES + 64 * 1024;
+/// Largest host config accepted.
+pub const MAX_HOST_CONFIG_BYTES: u64 = 256 * 1024;
+/// Largest Kubernetes YAML file accepted.
+pub const MAX_KUBE_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest key file accepted.
+pub const MAX_KEY_BYTES: u64 = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{}: {cause}", path.display())]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{}: larger than the limit of {limit} bytes for {what}", path.display())]
+    TooLarge {
+        path: PathBuf,
+        limit: u64,
+        what: &'static str,
+    },
+    #[error("{}: not valid UTF-8 (first bad byte at offset {offset})", path.display())]
+    NotUtf8 { path: PathBuf, offset: usize },
+}
+
+/// Reads at most `limit` bytes from `reader`; more is an error, never an allocation.
+pub fn read_bounded(
+    mut reader: impl Read,
+    limit: u64,
+    path: &Path,
+    what: &'static str,
+) -> Result<String, ReadError> {
+    let mut buf = Vec::new();
+    reader
+        .by_ref()
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|cause| ReadError::Io {
+            path: path.to_owned(),
+            cause,
+        })?;
+    if buf.len() as u64 > limit {
+        return Err(ReadError::TooLarge {
+            path: path.to_owned(),
+            limit,
+            what,
+        });
+    }
+    String::from_utf8(buf).map_err(|e| ReadError::NotUtf8 {
+        path: path.to_owned(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// Reads a text file of at most `limit` bytes. `-` reads standard input.
+pub fn read_file(path: &Path, limit: u64, what: &'static str) -> Result<String, ReadError> {
+    if path == Path::new("-") {
+        return read_bounded(std::io::stdin().lock(), limit, path, what);
+    }
+    let io = |cause| ReadError::Io {
+        path: path.to_owned(),
+        cause,
+    };
+    let file = File::open(path).map_err(io)?;
+    // Refuse early when the size is known; the bounded read still guards files that grow or
+    // lie about their length (pipes, /proc).
+    if let Ok(meta) = file.metadata()
+        && meta.is_file()
+        && meta.len() > limit
+    {
+        return Err(ReadError::TooLarge {
+            path: path.to_owned(),
+            limit,
+            what,
+        });
+    }
+    read_bounded(file, limit, path, what)
+}
+
+/// Replaces `path` with `bytes` so that a crash at any point leaves the old or the new file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endless_reader_is_cut_at_the_limit() {
+        let endless = std::io::repeat(b'a');
+        let err =
+            read_bounded(endless, 1024, Path::new("<zero>"), "test").expect_err("must refuse");
+        assert!(
+            matches!(err, ReadError::TooLarge { limit: 1024, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_offset() {
+        let err = read_bounded(&b"ab\xffcd"[..], 1024, Path::new("x"), "test").expect_err("bad");
+        assert_eq!(
+            err.to_string(),
+            "x: not valid UTF-8 (first bad byte at offset 2)"
+        );
+    }
+}

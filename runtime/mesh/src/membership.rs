@@ -1,0 +1,286 @@
+//! The membership view: admitted peers that announced themselves, their latest announcement
+//! and when it was seen. Pure state with an explicit clock, driven by the event loop.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use time::OffsetDateTime;
+
+/// What the mesh knows about one member, as returned by
+/// [`MeshHandle::peers`](crate::MeshHandle::peers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub peer_id: PeerId,
+    /// The addresses the peer announced.
+    pub addrs: Vec<Multiaddr>,
+    /// The peer's latest announcement payload.
+    pub announcement: Vec<u8>,
+    /// When the latest announcement arrived.
+    pub last_seen: Instant,
+    /// Whether this node has a connection to the peer (otherwise it is known through gossip).
+    pub connected: bool,
+}
+
+#[derive(Debug)]
+struct Member {
+    payload: Vec<u8>,
+    addrs: Vec<Multiaddr>,
+    last_seen: Instant,
+    seq: u64,
+    up: bool,
+    /// The ticket bytes last verified for this peer, so a repeated announcement is not
+    /// verified again, and their expiry.
+    ticket: Vec<u8>,
+    expires: Option<OffsetDateTime>,
+}
+
+/// How an announcement changed the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// The peer was unknown or down and is now up.
+    Up,
+    /// The peer was up and its payload changed.
+    Updated,
+    /// Same payload (or only a newer last-seen time).
+    Refreshed,
+    /// An older or repeated announcement (replay): ignored.
+    Stale,
+}
+
+/// One announcement, as the event loop hands it over after checking its ticket.
+pub(crate) struct Announcement<'a> {
+    pub seq: u64,
+    pub payload: &'a [u8],
+    pub addrs: Vec<Multiaddr>,
+    pub ticket: &'a [u8],
+    pub expires: Option<OffsetDateTime>,
+    /// Received over a live, authenticated connection from the peer itself (the admission
+    /// handshake) rather than through gossip: proves liveness, so the sequence number is reset.
+    pub direct: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    members: HashMap<PeerId, Member>,
+}
+
+impl Members {
+    pub(crate) fn observe(&mut self, peer: PeerId, a: Announcement<'_>, now: Instant) -> Change {
+        match self.members.get_mut(&peer) {
+            None => {
+                self.members.insert(
+                    peer,
+                    Member {
+                        payload: a.payload.to_vec(),
+                        addrs: a.addrs,
+                        last_seen: now,
+                        seq: a.seq,
+                        up: true,
+                        ticket: a.ticket.to_vec(),
+                        expires: a.expires,
+                    },
+                );
+                Change::Up
+            }
+            Some(m) => {
+                if a.seq <= m.seq && !a.direct {
+                    return Change::Stale;
+                }
+                m.seq = a.seq;
+                m.last_seen = now;
+                if !a.addrs.is_empty() {
+                    m.addrs = a.addrs;
+                }
+                if m.ticket != a.ticket {
+                    m.ticket = a.ticket.to_vec();
+                    m.expires = a.expires;
+                }
+                let changed = m.payload != a.payload;
+                if changed {
+                    m.payload = a.payload.to_vec();
+                }
+                if !m.up {
+                    m.up = true;
+                    Change::Up
+                } else if changed {
+                    Change::Updated
+                } else {
+                    Change::Refreshed
+                }
+            }
+        }
+    }
+
+    /// The expiry of `ticket` if it is exactly the ticket already verified for `peer`.
+    pub(crate) fn verified_ticket(
+        &self,
+        peer: &PeerId,
+        ticket: &[u8],
+    ) -> Option<Option<OffsetDateTime>> {
+        self.members
+            .get(peer)
+            .filter(|m| !m.ticket.is_empty() && m.ticket == ticket)
+            .map(|m| m.expires)
+    }
+
+    /// Whether `peer` is known to hold a ticket valid at `now` (up or recently down).
+    pub(crate) fn is_trusted(&self, peer: &PeerId, now: OffsetDateTime) -> bool {
+        self.members
+            .get(peer)
+            .is_some_and(|m| m.expires.is_none_or(|e| e > now))
+    }
+
+    pub(crate) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.members
+            .get(peer)
+            .map(|m| m.addrs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Declares down every member not heard from for `timeout`; returns them.
+    pub(crate) fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<PeerId> {
+        let mut down = Vec::new();
+        for (peer, m) in &mut self.members {
+            if m.up && now.saturating_duration_since(m.last_seen) >= timeout {
+                m.up = false;
+                down.push(*peer);
+            }
+        }
+        down.sort();
+        down
+    }
+
+    /// Members whose ticket has expired at `now`.
+    pub(crate) fn expired_tickets(&self, now: OffsetDateTime) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.expires.is_some_and(|e| e <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Forgets a peer; returns whether it was up.
+    pub(crate) fn remove(&mut self, peer: &PeerId) -> bool {
+        self.members.remove(peer).is_some_and(|m| m.up)
+    }
+
+    /// Forgets members that have been down for longer than `keep` (the entry is kept a while
+    /// so that a replayed old announcement is still recognised as stale).
+    pub(crate) fn forget_down(&mut self, now: Instant, keep: Duration) {
+        self.members
+            .retain(|_, m| m.up || now.saturating_duration_since(m.last_seen) < keep);
+    }
+
+    /// The members that are up, sorted by peer id.
+    pub(crate) fn list(&self, connected: impl Fn(&PeerId) -> bool) -> Vec<PeerInfo> {
+        let mut v: Vec<PeerInfo> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.up)
+            .map(|(p, m)| PeerInfo {
+                peer_id: *p,
+                addrs: m.addrs.clone(),
+                announcement: m.payload.clone(),
+                last_seen: m.last_seen,
+                connected: connected(p),
+            })
+            .collect();
+        v.sort_by_key(|i| i.peer_id);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn ann(seq: u64, payload: &[u8], direct: bool) -> Announcement<'_> {
+        Announcement {
+            seq,
+            payload,
+            addrs: vec![],
+            ticket: b"t",
+            expires: Some(datetime!(2030-01-01 0:00 UTC)),
+            direct,
+        }
+    }
+
+    #[test]
+    fn up_updated_down_and_back() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let p = PeerId::random();
+        let mut m = Members::default();
+        assert_eq!(m.observe(p, ann(10, b"a", false), t0), Change::Up);
+        assert_eq!(
+            m.observe(p, ann(11, b"a", false), t0 + s),
+            Change::Refreshed
+        );
+        assert_eq!(
+            m.observe(p, ann(12, b"b", false), t0 + 2 * s),
+            Change::Updated
+        );
+        assert_eq!(m.list(|_| false)[0].announcement, b"b");
+        // Silent for less than the timeout: still up.
+        assert!(m.expire(t0 + 9 * s, 8 * s).is_empty());
+        assert_eq!(m.expire(t0 + 10 * s, 8 * s), vec![p]);
+        assert!(m.list(|_| false).is_empty());
+        assert!(m.expire(t0 + 20 * s, 8 * s).is_empty(), "down only once");
+        assert_eq!(m.observe(p, ann(13, b"b", false), t0 + 21 * s), Change::Up);
+        assert_eq!(m.list(|_| true)[0].last_seen, t0 + 21 * s);
+    }
+
+    #[test]
+    fn replays_are_stale_unless_direct() {
+        let t0 = Instant::now();
+        let p = PeerId::random();
+        let mut m = Members::default();
+        m.observe(p, ann(10, b"new", false), t0);
+        assert_eq!(m.observe(p, ann(9, b"old", false), t0), Change::Stale);
+        assert_eq!(m.observe(p, ann(10, b"old", false), t0), Change::Stale);
+        assert_eq!(m.list(|_| false)[0].announcement, b"new");
+        // A restarted node whose clock went back is heard again through its handshake.
+        assert_eq!(
+            m.observe(p, ann(3, b"restarted", true), t0),
+            Change::Updated
+        );
+        assert_eq!(
+            m.observe(p, ann(4, b"restarted", false), t0),
+            Change::Refreshed
+        );
+    }
+
+    #[test]
+    fn tickets_are_remembered_with_their_expiry() {
+        let t0 = Instant::now();
+        let p = PeerId::random();
+        let mut m = Members::default();
+        m.observe(p, ann(1, b"", false), t0);
+        assert!(m.verified_ticket(&p, b"t").is_some());
+        assert!(m.verified_ticket(&p, b"other").is_none());
+        assert!(m.is_trusted(&p, datetime!(2029-01-01 0:00 UTC)));
+        assert!(!m.is_trusted(&p, datetime!(2030-01-01 0:00 UTC)));
+        assert_eq!(m.expired_tickets(datetime!(2030-01-01 0:00 UTC)), vec![p]);
+        assert!(m.remove(&p));
+        assert!(!m.is_trusted(&p, datetime!(2029-01-01 0:00 UTC)));
+    }
+
+    #[test]
+    fn down_members_are_forgotten_after_a_while() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let p = PeerId::random();
+        let mut m = Members::default();
+        m.observe(p, ann(1, b"", false), t0);
+        m.expire(t0 + 10 * s, 8 * s);
+        m.forget_down(t0 + 11 * s, 60 * s);
+        assert!(m.verified_ticket(&p, b"t").is_some());
+        m.forget_down(t0 + 61 * s, 60 * s);
+        assert!(m.verified_ticket(&p, b"t").is_none());
+    }
+}

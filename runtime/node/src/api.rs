@@ -1,0 +1,289 @@
+//! The node API: HTTP/JSON on the unix socket `[api] socket` (protected by file permissions)
+//! and optionally on `[api] listen` (TCP, every request needs `Authorization: Bearer <token>`).
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /v1/status` | this node: peer id, name, labels, version, uptime, peer count, capacity, sandbox |
+//! | `GET /v1/peers` | admitted peers that are up |
+//! | `GET /v1/workloads` | the desired state, with placements |
+//! | `GET /v1/workloads/{namespace}/{name}` | one workload, with its signed manifest |
+//! | `POST /v1/workloads` | a signed manifest: 202 with the content id, or 4xx with the reason |
+//! | `GET /metrics` | Prometheus text format |
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use beemesh_manifest::host::ApiSection;
+use beemesh_manifest::input::MAX_SIGNED_BYTES;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{NodeError, Shared};
+use crate::store::{Entry, Outcome, SubmitError};
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": msg.into() }))).into_response()
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/workloads", get(workloads).post(apply))
+        .route("/v1/workloads/{namespace}/{name}", get(workload))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_SIGNED_BYTES as usize + 1024))
+        .with_state(shared)
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    let peers = s.peers().await;
+    let listen: Vec<String> = s
+        .mesh
+        .listen_addrs()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    axum::Json(json!({
+        "peer_id": s.peer_id.to_base58(),
+        "name": s.name,
+        "labels": s.labels,
+        "domain": s.domain,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": s.started.elapsed().as_secs(),
+        "peers": peers.len(),
+        "listen": listen,
+        "capacity": s.capacity,
+        "workloads": s.store().len(),
+        "sandbox": s.sandbox,
+    }))
+    .into_response()
+}
+
+async fn peers(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(s.peers().await).into_response()
+}
+
+fn view(e: &Entry, with_signed: bool) -> Value {
+    let m = &e.manifest;
+    let mut v = json!({
+        "namespace": m.namespace,
+        "name": m.name,
+        "generation": m.generation,
+        "digest": e.content_id.to_string(),
+        "replicas": m.placement.replicas,
+        "deleted": m.deleted,
+        "consistency": m.consistency.mode,
+        "labels": m.labels,
+        "expires": m.expires,
+        // Placements arrive with the scheduler; until then no replica is placed anywhere.
+        "placements": [],
+    });
+    if with_signed {
+        v["signed"] = Value::String(e.signed_text.clone());
+    }
+    v
+}
+
+async fn workloads(State(s): State<Arc<Shared>>) -> Response {
+    let list: Vec<Value> = s.store().entries().map(|e| view(e, false)).collect();
+    axum::Json(list).into_response()
+}
+
+async fn workload(
+    State(s): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    match s.store().get(&namespace, &name) {
+        Some(e) => axum::Json(view(e, true)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no workload {namespace}/{name}"),
+        ),
+    }
+}
+
+async fn apply(State(s): State<Arc<Shared>>, body: String) -> Response {
+    match s.apply(&body).await {
+        Ok((outcome, e)) => {
+            let status = match outcome {
+                Outcome::Accepted => StatusCode::ACCEPTED,
+                Outcome::Unchanged => StatusCode::OK,
+            };
+            let mut v = view(&e, false);
+            v["content_id"] = v["digest"].clone();
+            v["status"] = Value::from(match outcome {
+                Outcome::Accepted => "accepted",
+                Outcome::Unchanged => "unchanged",
+            });
+            (status, axum::Json(v)).into_response()
+        }
+        Err(e) => {
+            let status = match &e {
+                SubmitError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                SubmitError::Envelope(_) => StatusCode::BAD_REQUEST,
+                SubmitError::Untrusted(_) => StatusCode::FORBIDDEN,
+                SubmitError::Rollback(_) => StatusCode::CONFLICT,
+                SubmitError::Io { .. } | SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            tracing::warn!("refused manifest from the API: {e}");
+            error(status, error_text(&e))
+        }
+    }
+}
+
+/// The whole cause chain on one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    s.metrics
+        .peers
+        .set(s.mesh.peers().await.map(|p| p.len()).unwrap_or(0) as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(token): State<Arc<String>>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        next.run(request).await
+    } else {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required on the TCP listener",
+        )
+    }
+}
+
+type Served = (
+    PathBuf,
+    Option<std::net::SocketAddr>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// Binds the unix socket (and the TCP listener when configured) and serves until shutdown.
+pub async fn serve(
+    shared: Arc<Shared>,
+    cfg: &ApiSection,
+    shutdown: CancellationToken,
+) -> Result<Served, NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = cfg.socket.clone();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|cause| NodeError::Dir {
+            path: dir.to_owned(),
+            cause,
+        })?;
+    }
+    if socket.exists() {
+        // A live socket means another node runs here; a dead one is left over from a crash.
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            return Err(NodeError::Api(format!(
+                "{} is in use: is another beemesh node running?",
+                socket.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| NodeError::Api(format!("cannot listen on {}: {e}", socket.display())))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| NodeError::Api(format!("cannot set the mode of {}: {e}", socket.display())))?;
+
+    let app = router(shared.clone());
+    let mut tasks = Vec::new();
+    let sd = shutdown.clone();
+    let unix_app = app.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, unix_app)
+            .with_graceful_shutdown(sd.cancelled_owned())
+            .await
+        {
+            tracing::error!("API on the unix socket failed: {e}");
+        }
+    }));
+
+    let mut tcp_addr = None;
+    if let Some(addr) = cfg.listen {
+        let token_file = cfg
+            .token_file
+            .as_ref()
+            .ok_or_else(|| NodeError::Config("api.listen needs api.token_file".into()))?;
+        let token = beemesh_manifest::input::read_file(token_file, 4096, "an API token file")
+            .map_err(|e| NodeError::Api(e.to_string()))?
+            .trim()
+            .to_owned();
+        if token.len() < 16 {
+            return Err(NodeError::Config(format!(
+                "the token in {} is shorter than 16 characters",
+                token_file.display()
+            )));
+        }
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| NodeError::Api(format!("cannot listen on {addr}: {e}")))?;
+        tcp_addr = tcp.local_addr().ok();
+        let tcp_app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
+        let sd = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, tcp_app)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await
+            {
+                tracing::error!("API on TCP failed: {e}");
+            }
+        }));
+    }
+    Ok((socket, tcp_addr, tasks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,584 @@
+//! The node: wiring of the host config, the desired-state store, the mesh and the API, and
+//! the loop that replicates desired state.
+//!
+//! Replication:
+//! - A manifest accepted through the API is published on the gossip topic
+//!   `/beemesh/manifests/1` and stored as a Kademlia record `/beemesh/manifest/<ns>/<name>`.
+//! - A manifest arriving by gossip is verified by [`DesiredStore::submit`] before gossipsub may
+//!   forward it: accepted ones are forwarded, invalid ones rejected, old ones ignored.
+//! - Anti-entropy (`/beemesh/sync/1`): when a peer comes up, and periodically with a random
+//!   peer, the node sends what it has (`namespace/name`, generation, content id) and receives
+//!   the signed manifests it lacks, each verified like any other.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use beemesh_manifest::HostConfig;
+use beemesh_manifest::TrustPolicy;
+use beemesh_mesh::{MeshConfig, MeshEvent, MeshHandle, PeerId, Validation};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::capacity::Capacity;
+use crate::metrics::Metrics;
+use crate::store::{DesiredStore, Have, Outcome, SubmitError};
+
+pub const MANIFEST_TOPIC: &str = "/beemesh/manifests/1";
+pub const SYNC_PROTOCOL: &str = "/beemesh/sync/1";
+/// How often a node syncs with a random peer, besides every time a peer comes up.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Budget for one sync response, below the mesh's message limit.
+const SYNC_RESPONSE_BUDGET: usize = 768 * 1024;
+
+impl From<beemesh_mesh::MeshError> for NodeError {
+    fn from(e: beemesh_mesh::MeshError) -> Self {
+        NodeError::Mesh(Box::new(e))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot read {what} {}: {cause}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        cause: String,
+    },
+    #[error("cannot prepare {}: {cause}", path.display())]
+    Dir {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("desired-state store: {0}")]
+    Store(#[from] SubmitError),
+    #[error("mesh: {0}")]
+    Mesh(Box<beemesh_mesh::MeshError>),
+    #[error("node identity: {0}")]
+    Identity(#[from] beemesh_mesh::IdentityError),
+    #[error("API: {0}")]
+    Api(String),
+}
+
+/// What a node says about itself to the mesh (the announcement payload, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A peer as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub peer_id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<String>,
+    pub capacity: Option<Capacity>,
+    pub version: String,
+    pub connected: bool,
+    pub last_seen_ms: u128,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SyncRequest {
+    have: Vec<Have>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SyncResponse {
+    manifests: Vec<String>,
+    /// More is available than fit in this response: ask again.
+    #[serde(default)]
+    more: bool,
+}
+
+/// State shared by the node's loops and its API handlers.
+pub struct Shared {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub domain: String,
+    pub peer_id: PeerId,
+    pub started: Instant,
+    pub capacity: Capacity,
+    pub sandbox: serde_json::Value,
+    pub mesh: MeshHandle,
+    pub metrics: Metrics,
+    pub clock: fn() -> OffsetDateTime,
+    store: Mutex<DesiredStore>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("name", &self.name)
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn store(&self) -> MutexGuard<'_, DesiredStore> {
+        // A panic while holding the lock cannot leave the store half-written (files are
+        // replaced atomically), so a poisoned lock is still usable.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Verifies and stores a signed manifest from `source` (`api`, `gossip`, `sync`),
+    /// counting the outcome. Publishing is the caller's business.
+    pub fn submit(
+        &self,
+        source: &str,
+        text: &str,
+    ) -> Result<(Outcome, crate::store::Entry), SubmitError> {
+        let result = self.store().submit(source, text, (self.clock)());
+        match &result {
+            Ok((Outcome::Accepted, e)) => {
+                self.metrics.accepted(source);
+                self.metrics.workloads.set(self.store().len() as i64);
+                tracing::info!(
+                    source,
+                    workload = %e.manifest.id(),
+                    generation = e.manifest.generation,
+                    content_id = %e.content_id,
+                    deleted = e.manifest.deleted,
+                    "accepted manifest"
+                );
+            }
+            Ok((Outcome::Unchanged, _)) => {}
+            Err(e) => self.metrics.rejected(source, reject_reason(e)),
+        }
+        result
+    }
+
+    /// Accepts a manifest from the API and spreads it: gossip plus a Kademlia record.
+    pub async fn apply(&self, text: &str) -> Result<(Outcome, crate::store::Entry), SubmitError> {
+        let (outcome, entry) = self.submit("api", text)?;
+        if outcome == Outcome::Accepted {
+            let bytes = entry.signed_text.clone().into_bytes();
+            if let Err(e) = self.mesh.publish(MANIFEST_TOPIC, bytes.clone()).await {
+                // With no peers yet, anti-entropy delivers it when they come.
+                tracing::debug!("publishing {}: {e}", entry.manifest.id());
+            }
+            let key = record_key(&entry.manifest.namespace, &entry.manifest.name);
+            if let Err(e) = self.mesh.put_record(key, bytes).await {
+                tracing::debug!("storing the record of {}: {e}", entry.manifest.id());
+            }
+        }
+        Ok((outcome, entry))
+    }
+
+    pub async fn peers(&self) -> Vec<PeerView> {
+        let peers = self.mesh.peers().await.unwrap_or_default();
+        self.metrics.peers.set(peers.len() as i64);
+        peers
+            .into_iter()
+            .map(|p| {
+                let ann: Option<Announcement> = serde_json::from_slice(&p.announcement).ok();
+                PeerView {
+                    peer_id: p.peer_id.to_base58(),
+                    name: ann.as_ref().map(|a| a.name.clone()).unwrap_or_default(),
+                    labels: ann.as_ref().map(|a| a.labels.clone()).unwrap_or_default(),
+                    addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                    capacity: ann.as_ref().map(|a| a.capacity),
+                    version: ann.map(|a| a.version).unwrap_or_default(),
+                    connected: p.connected,
+                    last_seen_ms: p.last_seen.elapsed().as_millis(),
+                }
+            })
+            .collect()
+    }
+}
+
+pub fn record_key(namespace: &str, name: &str) -> Vec<u8> {
+    format!("/beemesh/manifest/{namespace}/{name}").into_bytes()
+}
+
+fn reject_reason(e: &SubmitError) -> &'static str {
+    match e {
+        SubmitError::TooLarge(_) => "too_large",
+        SubmitError::Envelope(_) => "envelope",
+        SubmitError::Untrusted(_) => "untrusted",
+        SubmitError::Rollback(_) => "rollback",
+        SubmitError::Io { .. } | SubmitError::Store(_) => "storage",
+    }
+}
+
+/// Everything `beemesh node` needs, resolved from the host config.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub config: HostConfig,
+    /// Where the host config was read from (a relative ticket path is resolved against it).
+    pub config_path: Option<PathBuf>,
+    /// Injectable wall clock (expiry of manifests and tickets).
+    pub clock: fn() -> OffsetDateTime,
+    /// The sandbox status to report (the CLI confines the process before starting the node).
+    pub sandbox: serde_json::Value,
+}
+
+impl NodeOptions {
+    pub fn new(config: HostConfig, config_path: Option<PathBuf>) -> Self {
+        Self {
+            config,
+            config_path,
+            clock: OffsetDateTime::now_utc,
+            sandbox: serde_json::json!({ "enforced": false, "reason": "not confined" }),
+        }
+    }
+}
+
+/// A started node: its shared state and the tasks to wait for.
+pub struct RunningNode {
+    pub shared: Arc<Shared>,
+    pub api_socket: PathBuf,
+    pub api_tcp: Option<std::net::SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Waits until every loop has stopped (after `shutdown` fired).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.shared.mesh.stopped().await;
+        let _ = std::fs::remove_file(&self.api_socket);
+    }
+}
+
+fn node_name(config: &HostConfig) -> String {
+    if let Some(n) = &config.node.name {
+        return n.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut name: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    name = name.trim_matches('-').to_owned();
+    if name.is_empty() {
+        "node".to_owned()
+    } else {
+        name
+    }
+}
+
+/// This node's admission ticket: `trust.ticket` (relative to the host config's directory),
+/// else `ticket` beside the host config (on a flashed image, the config partition's).
+pub fn ticket_path(config: &HostConfig, config_path: Option<&Path>) -> PathBuf {
+    match &config.trust.ticket {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => config_path
+            .and_then(Path::parent)
+            .map_or_else(|| p.clone(), |d| d.join(p)),
+        None => config_path
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/etc/beemesh"))
+            .join("ticket"),
+    }
+}
+
+/// Creates a directory (and its parents) and sets its mode.
+pub fn prepare_dir(path: &Path, mode: u32) -> Result<(), NodeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |cause| NodeError::Dir {
+        path: path.to_owned(),
+        cause,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(err)?;
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if meta.permissions().mode() & 0o777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Starts a node: opens the store, joins the mesh, serves the API. Everything is bound before
+/// this returns; the loops run until `shutdown` fires.
+pub async fn start(
+    opts: NodeOptions,
+    shutdown: CancellationToken,
+) -> Result<RunningNode, NodeError> {
+    let cfg = &opts.config;
+    let admission = cfg.trust.admission.ok_or_else(|| {
+        NodeError::Config(
+            "trust.admission is not set: a node joins a mesh only with a ticket signed by the admission key".into(),
+        )
+    })?;
+    let ticket_file = ticket_path(&opts.config, opts.config_path.as_deref());
+    let ticket = beemesh_manifest::input::read_file(
+        &ticket_file,
+        beemesh_manifest::ticket::MAX_TICKET_BYTES,
+        "an admission ticket",
+    )
+    .map_err(|e| NodeError::Read {
+        what: "admission ticket",
+        path: ticket_file.clone(),
+        cause: format!("{e} (issue one with `beemesh ticket issue`, or set trust.ticket)"),
+    })?;
+    // Refuse to start with a ticket that cannot admit us: better here than a silent mesh.
+    let parsed =
+        beemesh_manifest::ticket::Ticket::parse(&ticket_file.display().to_string(), &ticket)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+
+    let data_dir = cfg.node.data_dir.clone();
+    prepare_dir(&data_dir, 0o700)?;
+    let keypair = beemesh_mesh::load_or_create_identity(&data_dir)?;
+    let peer_id = keypair.public().to_peer_id();
+    parsed
+        .verify(&admission, &peer_id.to_base58(), (opts.clock)())
+        .map_err(|e| NodeError::Config(format!("{}: {e}", ticket_file.display())))?;
+
+    let policy =
+        TrustPolicy::from_host(&cfg.trust).map_err(|e| NodeError::Config(format!("trust: {e}")))?;
+    let (store, skipped) = DesiredStore::open(&data_dir, policy, (opts.clock)())?;
+    for s in &skipped {
+        tracing::warn!("not loading stored manifest: {s}");
+    }
+
+    let name = node_name(cfg);
+    let capacity = Capacity::detect(&cfg.resources.reserve);
+    let announcement = Announcement {
+        name: name.clone(),
+        labels: cfg.node.labels.clone(),
+        capacity,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let mut mesh_cfg = MeshConfig::from_host(keypair, &cfg.mesh, admission, ticket.into_bytes())?;
+    mesh_cfg.announcement =
+        serde_json::to_vec(&announcement).map_err(|e| NodeError::Config(e.to_string()))?;
+    mesh_cfg.clock = opts.clock;
+    let (mesh, events) = beemesh_mesh::spawn(mesh_cfg, shutdown.clone()).await?;
+    mesh.subscribe(MANIFEST_TOPIC).await?;
+
+    let metrics = Metrics::new();
+    metrics.workloads.set(store.len() as i64);
+    let shared = Arc::new(Shared {
+        name,
+        labels: cfg.node.labels.clone(),
+        domain: cfg.trust.domain.clone(),
+        peer_id,
+        started: Instant::now(),
+        capacity,
+        sandbox: opts.sandbox.clone(),
+        mesh,
+        metrics,
+        clock: opts.clock,
+        store: Mutex::new(store),
+    });
+
+    let mut tasks = Vec::new();
+    let (api_socket, api_tcp, api_tasks) =
+        crate::api::serve(shared.clone(), &cfg.api, shutdown.clone()).await?;
+    tasks.extend(api_tasks);
+    tasks.push(tokio::spawn(event_loop(
+        shared.clone(),
+        events,
+        shutdown.clone(),
+    )));
+    tracing::info!(
+        peer_id = %shared.peer_id,
+        name = %shared.name,
+        api = %api_socket.display(),
+        workloads = shared.store().len(),
+        "node started"
+    );
+    Ok(RunningNode {
+        shared,
+        api_socket,
+        api_tcp,
+        tasks,
+    })
+}
+
+/// Handles mesh events until shutdown.
+async fn event_loop(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<MeshEvent>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Ok(peers) = shared.mesh.connected_peers().await
+                    && let Some(peer) = pick(&peers)
+                {
+                    tokio::spawn(sync_with(shared.clone(), peer));
+                }
+            }
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                handle_event(&shared, event).await;
+            }
+        }
+    }
+    tracing::debug!("node event loop stopped");
+}
+
+fn pick(peers: &[PeerId]) -> Option<PeerId> {
+    use rand::Rng;
+    if peers.is_empty() {
+        return None;
+    }
+    peers.get(rand::rng().random_range(0..peers.len())).copied()
+}
+
+async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
+    match event {
+        MeshEvent::Gossip {
+            topic,
+            source,
+            propagation_source,
+            message_id,
+            data,
+        } if topic == MANIFEST_TOPIC => {
+            let verdict = match std::str::from_utf8(&data) {
+                Err(_) => {
+                    tracing::warn!(%source, %propagation_source, "dropped gossip manifest: not UTF-8");
+                    shared.metrics.rejected("gossip", "envelope");
+                    Validation::Reject
+                }
+                Ok(text) => match shared.submit("gossip", text) {
+                    Ok(_) => Validation::Accept,
+                    Err(e) => {
+                        tracing::warn!(%source, %propagation_source, "dropped gossip manifest: {e}");
+                        match e {
+                            SubmitError::Rollback(_) => Validation::Ignore,
+                            SubmitError::Io { .. } | SubmitError::Store(_) => Validation::Ignore,
+                            _ => Validation::Reject,
+                        }
+                    }
+                },
+            };
+            if let Err(e) = shared
+                .mesh
+                .validate(message_id, propagation_source, verdict)
+                .await
+            {
+                tracing::debug!("reporting a gossip verdict: {e}");
+            }
+        }
+        MeshEvent::Gossip {
+            topic,
+            message_id,
+            propagation_source,
+            ..
+        } => {
+            tracing::debug!(%topic, "ignoring gossip on a topic this node does not use");
+            let _ = shared
+                .mesh
+                .validate(message_id, propagation_source, Validation::Ignore)
+                .await;
+        }
+        MeshEvent::Request {
+            peer,
+            protocol,
+            data,
+            reply,
+        } => {
+            if protocol == SYNC_PROTOCOL {
+                match answer_sync(shared, &data) {
+                    Ok(bytes) => reply.respond(bytes),
+                    Err(e) => {
+                        tracing::warn!(%peer, "bad sync request: {e}");
+                        reply.refuse(e);
+                    }
+                }
+            } else {
+                reply.refuse(format!("unknown protocol {protocol}"));
+            }
+        }
+        MeshEvent::PeerUp { peer, .. } => {
+            tracing::info!(%peer, "peer up");
+            tokio::spawn(sync_with(shared.clone(), peer));
+        }
+        MeshEvent::PeerDown { peer } => tracing::info!(%peer, "peer down"),
+        MeshEvent::PeerRejected { peer, reason } => {
+            shared.metrics.peers_rejected.inc();
+            tracing::warn!(%peer, "refused peer: {reason}");
+        }
+        MeshEvent::RefusedByPeer { peer, reason } => {
+            tracing::warn!(%peer, "peer refused this node: {reason}")
+        }
+        MeshEvent::PeerUpdated { .. } | MeshEvent::Listening { .. } => {}
+    }
+}
+
+fn answer_sync(shared: &Shared, data: &[u8]) -> Result<Vec<u8>, String> {
+    let req: SyncRequest =
+        serde_json::from_slice(data).map_err(|e| format!("malformed sync request: {e}"))?;
+    let store = shared.store();
+    let mut resp = SyncResponse::default();
+    let mut size = 0;
+    for e in store.newer_than(&req.have) {
+        if size + e.signed_text.len() > SYNC_RESPONSE_BUDGET && !resp.manifests.is_empty() {
+            resp.more = true;
+            break;
+        }
+        size += e.signed_text.len();
+        resp.manifests.push(e.signed_text.clone());
+    }
+    serde_json::to_vec(&resp).map_err(|e| e.to_string())
+}
+
+/// Pulls what `peer` has and this node lacks (until nothing more comes).
+pub async fn sync_with(shared: Arc<Shared>, peer: PeerId) {
+    for _ in 0..64 {
+        let have = shared.store().have();
+        let req = match serde_json::to_vec(&SyncRequest { have }) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let resp = match shared.mesh.request(peer, SYNC_PROTOCOL, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, "sync failed: {e}");
+                return;
+            }
+        };
+        let resp: SyncResponse = match serde_json::from_slice(&resp) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, "malformed sync response: {e}");
+                return;
+            }
+        };
+        let mut progressed = false;
+        for text in &resp.manifests {
+            match shared.submit("sync", text) {
+                Ok((Outcome::Accepted, _)) => progressed = true,
+                Ok((Outcome::Unchanged, _)) => {}
+                Err(e) => tracing::warn!(%peer, "dropped synced manifest: {e}"),
+            }
+        }
+        if !resp.more || !progressed {
+            break;
+        }
+    }
+    shared.metrics.syncs.inc();
+}

@@ -1,0 +1,234 @@
+//! In-process desired-state convergence: real nodes (store, mesh, API) on loopback.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use beemesh_manifest::ticket::Ticket;
+use beemesh_manifest::{HostConfig, SecretKey, SignedManifest};
+use beemesh_node::{NodeOptions, RunningNode, Shared};
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Fleet {
+    dir: TempDir,
+    operator: SecretKey,
+    admission: SecretKey,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        let dir = TempDir::new().expect("tempdir");
+        let admission = SecretKey::from_seed([42; 32]);
+        let ticket = Ticket::issue(&admission, None, OffsetDateTime::now_utc(), None);
+        std::fs::write(dir.path().join("ticket"), ticket.to_toml()).expect("ticket");
+        Self {
+            dir,
+            operator: SecretKey::from_seed([7; 32]),
+            admission,
+        }
+    }
+
+    fn config(&self, name: &str, bootstrap: Option<String>) -> HostConfig {
+        let root = self.dir.path().join(name);
+        let text = format!(
+            r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+[mesh]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+bootstrap = [{bootstrap}]
+mdns = false
+announce_interval = "300ms"
+peer_timeout = "2s"
+[trust]
+domain = "example.org"
+signers = ["{op}"]
+admission = "{adm}"
+ticket = "{ticket}"
+[api]
+socket = "{sock}"
+[sandbox]
+landlock = "off"
+"#,
+            data = root.join("data").display(),
+            bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default(),
+            op = self.operator.public(),
+            adm = self.admission.public(),
+            ticket = self.dir.path().join("ticket").display(),
+            sock = root.join("api.sock").display(),
+        );
+        HostConfig::from_toml(name, &text).expect("valid host config")
+    }
+
+    async fn start(
+        &self,
+        name: &str,
+        bootstrap: Option<&RunningNode>,
+    ) -> (RunningNode, CancellationToken) {
+        let boot = match bootstrap {
+            Some(b) => Some(first_addr(&b.shared).await),
+            None => None,
+        };
+        let shutdown = CancellationToken::new();
+        let node = beemesh_node::start(
+            NodeOptions::new(self.config(name, boot), None),
+            shutdown.clone(),
+        )
+        .await
+        .expect("node starts");
+        (node, shutdown)
+    }
+
+    fn signed(&self, generation: u64, deleted: bool) -> String {
+        let body = if deleted {
+            "deleted = true\n".to_owned()
+        } else {
+            "[[container]]\nname = \"web\"\nimage = \"localhost/busybox:latest\"\n".to_owned()
+        };
+        let text = format!(
+            "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"hello\"\ngeneration = {generation}\n{body}"
+        );
+        let mut s = SignedManifest::new(text);
+        s.add_signature("test", &self.operator).expect("sign");
+        s.to_toml()
+    }
+}
+
+async fn first_addr(s: &Shared) -> String {
+    let addrs = s.mesh.listen_addrs().await.expect("listen addrs");
+    let a = addrs.first().expect("listening");
+    format!("{a}/p2p/{}", s.peer_id)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn generation_on(s: &Arc<Shared>) -> Option<u64> {
+    s.store()
+        .get("default", "hello")
+        .map(|e| e.manifest.generation)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_converges_and_late_nodes_catch_up() {
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let (b, b_stop) = fleet.start("b", Some(&a)).await;
+    let (c, c_stop) = fleet.start("c", Some(&a)).await;
+
+    let mut peers_ok = false;
+    let start = tokio::time::Instant::now();
+    while !peers_ok {
+        assert!(start.elapsed() < DEADLINE, "3 nodes never saw each other");
+        peers_ok = a.shared.peers().await.len() == 2 && c.shared.peers().await.len() == 2;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Applied on c, replicated to a and b by gossip, with the same content id.
+    let (_, entry) = c
+        .shared
+        .apply(&fleet.signed(1, false))
+        .await
+        .expect("accepted");
+    eventually("a and b to receive generation 1", || {
+        generation_on(&a.shared) == Some(1) && generation_on(&b.shared) == Some(1)
+    })
+    .await;
+    assert_eq!(
+        a.shared
+            .store()
+            .get("default", "hello")
+            .map(|e| e.content_id),
+        Some(entry.content_id)
+    );
+
+    // A rollback to an older generation is refused everywhere, even through the API.
+    c.shared
+        .apply(&fleet.signed(2, false))
+        .await
+        .expect("generation 2");
+    eventually("generation 2 everywhere", || {
+        [&a, &b, &c]
+            .iter()
+            .all(|n| generation_on(&n.shared) == Some(2))
+    })
+    .await;
+    assert!(a.shared.apply(&fleet.signed(1, false)).await.is_err());
+
+    // A node that joins late catches up through anti-entropy (gossip happened before it).
+    let (d, d_stop) = fleet.start("d", Some(&b)).await;
+    eventually("late node d to catch up", || {
+        generation_on(&d.shared) == Some(2)
+    })
+    .await;
+
+    // A tombstone spreads the same way.
+    b.shared
+        .apply(&fleet.signed(3, true))
+        .await
+        .expect("tombstone");
+    eventually("the tombstone everywhere", || {
+        [&a, &b, &c, &d].iter().all(|n| {
+            n.shared
+                .store()
+                .get("default", "hello")
+                .is_some_and(|e| e.manifest.deleted && e.manifest.generation == 3)
+        })
+    })
+    .await;
+
+    // A restarted node keeps its identity and its desired state.
+    let d_id = d.shared.peer_id;
+    d_stop.cancel();
+    d.join().await;
+    let (d2, d2_stop) = fleet.start("d", Some(&a)).await;
+    assert_eq!(d2.shared.peer_id, d_id);
+    assert_eq!(generation_on(&d2.shared), Some(3));
+
+    for s in [a_stop, b_stop, c_stop, d2_stop] {
+        s.cancel();
+    }
+    for n in [a, b, c, d2] {
+        tokio::time::timeout(Duration::from_secs(10), n.join())
+            .await
+            .expect("node stops within 10 s of shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_answers_on_the_unix_socket() {
+    let fleet = Fleet::new();
+    let (a, stop) = fleet.start("a", None).await;
+    let sock = a.api_socket.clone();
+    let status = http_get(&sock, "/v1/status").await;
+    assert!(status.contains(&a.shared.peer_id.to_base58()), "{status}");
+    let metrics = http_get(&sock, "/metrics").await;
+    assert!(metrics.contains("beemesh_workloads"), "{metrics}");
+    stop.cancel();
+    a.join().await;
+    assert!(!sock.exists(), "the socket is removed on shutdown");
+}
+
+/// A raw HTTP/1.0 GET over the unix socket (the CLI's client is tested end to end elsewhere).
+async fn http_get(sock: &Path, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
