@@ -58,6 +58,13 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
     let socket = podman_socket(&config);
     let mut policy = SandboxPolicy::for_daemon(&config, &[config_file], socket.as_deref());
     policy.read_only.push(ticket);
+    if config.runtime.driver == beemesh_manifest::host::Driver::Process {
+        // Workloads of the process driver inherit the daemon's Landlock domain: they need
+        // the system paths to run programs.
+        policy
+            .read_exec
+            .extend(beemesh_driver::process::default_read_exec_paths());
+    }
     let status = beemesh_sandbox::confine(&policy)?;
     for gap in &status.not_enforced {
         tracing::warn!("sandbox: not enforced: {gap}");

@@ -6,6 +6,8 @@
 mod client;
 mod config;
 mod daemon;
+mod dev;
+mod image;
 mod keys;
 mod kube;
 mod output;
@@ -55,6 +57,9 @@ enum Command {
     /// Run the node daemon: join the mesh, replicate desired state, serve the API.
     Node(daemon::NodeArgs),
 
+    /// Run a local mesh on loopback with throwaway keys, for a first try (no files, no root).
+    Dev(dev::DevArgs),
+
     /// Show this node: peer id, name, peers, capacity, sandbox.
     Status,
 
@@ -96,6 +101,10 @@ enum Command {
     /// Issue admission tickets that let nodes into the mesh.
     #[command(subcommand)]
     Ticket(TicketCommand),
+
+    /// Build bootable host images and configure them per host.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +161,7 @@ fn main() -> ExitCode {
     let client = || client::Client::new(&cli.api, token.clone());
     let result = match cli.command {
         Command::Node(a) => daemon::node(&a),
+        Command::Dev(a) => dev::dev(&a),
         Command::Status => client().and_then(|c| remote::status(&c, out)),
         Command::Get { kind } => client().and_then(|c| remote::get(&c, kind, out)),
         Command::Apply(a) => client().and_then(|c| remote::apply(&c, &a, out)),
@@ -163,6 +173,7 @@ fn main() -> ExitCode {
         Command::Kube(KubeCommand::Convert(a)) => kube::convert(&a, out),
         Command::Config(ConfigCommand::Check(a)) => config::check(&a.file, out),
         Command::Ticket(TicketCommand::Issue(a)) => ticket::issue(&a, out),
+        Command::Image(c) => image::run(&c, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

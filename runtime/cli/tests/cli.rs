@@ -605,7 +605,7 @@ fn remote_commands_against_a_running_node() {
         format!(
             "[node]\nname = \"solo\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
              [trust]\ndomain = \"example.org\"\nsigners = [\"{op_pub}\"]\nadmission = \"{adm_pub}\"\nticket = \"{}\"\n\
-             [api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"required\"\n",
+             [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"required\"\n",
             dir.path().join("data").display(),
             ticket.display(),
             sock.display()
@@ -737,4 +737,73 @@ fn remote_commands_against_a_running_node() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("cannot reach the node API"));
+}
+
+/// `beemesh dev` as a new user meets it: start it, follow the printed commands.
+#[test]
+fn dev_mesh_runs_the_printed_commands() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
+        .args(["dev", "--nodes", "2"])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("beemesh dev starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let _guard = NodeProcess(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.starts_with("Ctrl-C");
+            let _ = tx.send(line);
+            if done {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while lines
+        .last()
+        .is_none_or(|l: &String| !l.starts_with("Ctrl-C"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("beemesh dev printed no instructions; so far: {lines:#?}"));
+        lines.push(line);
+    }
+    let api = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export BEEMESH_API="))
+        .expect("an export line")
+        .to_owned();
+    // Run every printed `beemesh ...` command as written, with BEEMESH_API exported.
+    let commands: Vec<Vec<String>> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("  beemesh "))
+        .map(|c| c.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    assert!(commands.iter().any(|c| c[0] == "apply"), "{lines:#?}");
+    let mut last = String::new();
+    for c in &commands {
+        let out = beemesh()
+            .env("BEEMESH_API", &api)
+            .current_dir(repo())
+            .args(c)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "`beemesh {}` failed: {}",
+            c.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    assert!(
+        last.contains("default/hello"),
+        "get workloads lists the example: {last}"
+    );
 }

@@ -347,7 +347,11 @@ mod tests {
         assert!("99999999999Ei".parse::<Memory>().is_err());
         // The fraction pushes the integer part past u128 (found by fuzzing).
         assert!("340282366920938463463.9E".parse::<Memory>().is_err());
-        assert!("340282366920938463463374607431768211.5".parse::<Cpu>().is_err());
+        assert!(
+            "340282366920938463463374607431768211.5"
+                .parse::<Cpu>()
+                .is_err()
+        );
         assert_eq!(Memory(64 << 20).to_string(), "64Mi");
         assert_eq!(Memory(1000).to_string(), "1000");
     }

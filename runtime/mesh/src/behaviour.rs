@@ -68,8 +68,17 @@ fn behaviour(key: &Keypair, cfg: &MeshConfig) -> Result<Behaviour, MeshError> {
 
     let mdns = if cfg.mdns {
         Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
-                .map_err(|e| MeshError::Transport(format!("cannot start mDNS: {e}")))?,
+            // Re-query every 30 s (libp2p's default is 5 min): hosts of a fleet boot at about
+            // the same time, and a node whose first query went out before its neighbours
+            // listened would otherwise stay alone for minutes (seen in vm-tests/run).
+            mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    query_interval: std::time::Duration::from_secs(30),
+                    ..mdns::Config::default()
+                },
+                peer_id,
+            )
+            .map_err(|e| MeshError::Transport(format!("cannot start mDNS: {e}")))?,
         )
     } else {
         None

@@ -23,7 +23,12 @@ use beemesh_manifest::input::MAX_SIGNED_BYTES;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use std::collections::BTreeMap;
+
+use beemesh_scheduler::WorkloadId;
+
 use crate::node::{NodeError, Shared};
+use crate::placement;
 use crate::store::{Entry, Outcome, SubmitError};
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -71,7 +76,53 @@ async fn peers(State(s): State<Arc<Shared>>) -> Response {
     axum::Json(s.peers().await).into_response()
 }
 
-fn view(e: &Entry, with_signed: bool) -> Value {
+/// Peer id → node name, for placements (the local node included).
+async fn names(s: &Shared) -> BTreeMap<String, String> {
+    let mut names: BTreeMap<String, String> = s
+        .peers()
+        .await
+        .into_iter()
+        .map(|p| (p.peer_id, p.name))
+        .collect();
+    names.insert(s.peer_id.to_base58(), s.name.clone());
+    names
+}
+
+async fn placements(s: &Shared, entries: &[(String, String)]) -> BTreeMap<WorkloadId, Value> {
+    let ids: Vec<WorkloadId> = entries
+        .iter()
+        .map(|(ns, n)| WorkloadId::new(ns, n))
+        .collect();
+    let statuses = placement::statuses(&s.placement, &s.mesh, &s.peer_id.to_base58(), ids).await;
+    let names = names(s).await;
+    statuses
+        .into_iter()
+        .map(|(id, st)| {
+            let list: Vec<Value> = st
+                .placements
+                .iter()
+                .map(|p| {
+                    json!({
+                        "node": names.get(&p.node).cloned().unwrap_or_else(|| p.node.clone()),
+                        "peer_id": p.node,
+                        "index": p.index,
+                        "generation": p.generation,
+                        "state": p.state,
+                    })
+                })
+                .collect();
+            let v = json!({
+                "placements": list,
+                "placed": st.placed,
+                "running": st.running,
+                "unschedulable": st.unschedulable,
+            });
+            (id, v)
+        })
+        .collect()
+}
+
+fn view(e: &Entry, with_signed: bool, placed: Option<&Value>) -> Value {
     let m = &e.manifest;
     let mut v = json!({
         "namespace": m.namespace,
@@ -83,9 +134,13 @@ fn view(e: &Entry, with_signed: bool) -> Value {
         "consistency": m.consistency.mode,
         "labels": m.labels,
         "expires": m.expires,
-        // Placements arrive with the scheduler; until then no replica is placed anywhere.
         "placements": [],
     });
+    if let Some(Value::Object(p)) = placed {
+        for (k, val) in p {
+            v[k] = val.clone();
+        }
+    }
     if with_signed {
         v["signed"] = Value::String(e.signed_text.clone());
     }
@@ -93,7 +148,19 @@ fn view(e: &Entry, with_signed: bool) -> Value {
 }
 
 async fn workloads(State(s): State<Arc<Shared>>) -> Response {
-    let list: Vec<Value> = s.store().entries().map(|e| view(e, false)).collect();
+    let entries: Vec<Entry> = s.store().entries().cloned().collect();
+    let keys: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| (e.manifest.namespace.clone(), e.manifest.name.clone()))
+        .collect();
+    let placed = placements(&s, &keys).await;
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let id = WorkloadId::new(&e.manifest.namespace, &e.manifest.name);
+            view(e, false, placed.get(&id))
+        })
+        .collect();
     axum::Json(list).into_response()
 }
 
@@ -101,8 +168,13 @@ async fn workload(
     State(s): State<Arc<Shared>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
-    match s.store().get(&namespace, &name) {
-        Some(e) => axum::Json(view(e, true)).into_response(),
+    let entry = s.store().get(&namespace, &name).cloned();
+    match entry {
+        Some(e) => {
+            let placed = placements(&s, &[(namespace.clone(), name.clone())]).await;
+            let id = WorkloadId::new(&namespace, &name);
+            axum::Json(view(&e, true, placed.get(&id))).into_response()
+        }
         None => error(
             StatusCode::NOT_FOUND,
             format!("no workload {namespace}/{name}"),
@@ -117,7 +189,7 @@ async fn apply(State(s): State<Arc<Shared>>, body: String) -> Response {
                 Outcome::Accepted => StatusCode::ACCEPTED,
                 Outcome::Unchanged => StatusCode::OK,
             };
-            let mut v = view(&e, false);
+            let mut v = view(&e, false, None);
             v["content_id"] = v["digest"].clone();
             v["status"] = Value::from(match outcome {
                 Outcome::Accepted => "accepted",

@@ -10,6 +10,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod placement;
 pub mod store;
 
 pub use node::{NodeError, NodeOptions, RunningNode, Shared, start};

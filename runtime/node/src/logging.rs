@@ -16,14 +16,20 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing), so
-/// in-process tests that start several nodes can call it.
+/// Installs the global subscriber with `info` as the default level. Safe to call more than
+/// once (later calls do nothing), so in-process tests that start several nodes can call it.
 pub fn init() -> LogTarget {
+    init_with_default("info")
+}
+
+/// Like [`init`], with another default level (`beemesh dev` keeps the terminal for its
+/// instructions and logs only warnings unless `BEEMESH_LOG` says otherwise).
+pub fn init_with_default(level: &str) -> LogTarget {
     let filter = std::env::var("BEEMESH_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
     if Path::new(JOURNAL_SOCKET).exists()
         && let Ok(journald) = tracing_journald::layer()
@@ -37,6 +43,7 @@ pub fn init() -> LogTarget {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .try_init();

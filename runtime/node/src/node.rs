@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use beemesh_manifest::HostConfig;
-use beemesh_manifest::TrustPolicy;
+use beemesh_manifest::host::Driver;
+use beemesh_manifest::{ContentId, HostConfig, TrustPolicy};
 use beemesh_mesh::{MeshConfig, MeshEvent, MeshHandle, PeerId, Validation};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capacity::Capacity;
 use crate::metrics::Metrics;
+use crate::placement::{self, Placement};
 use crate::store::{DesiredStore, Have, Outcome, SubmitError};
+use beemesh_driver::ContainerDriver;
+use beemesh_scheduler::{Input, SchedulerConfig};
 
 pub const MANIFEST_TOPIC: &str = "/beemesh/manifests/1";
 pub const SYNC_PROTOCOL: &str = "/beemesh/sync/1";
@@ -114,7 +117,9 @@ pub struct Shared {
     pub mesh: MeshHandle,
     pub metrics: Metrics,
     pub clock: fn() -> OffsetDateTime,
-    store: Mutex<DesiredStore>,
+    pub placement: Placement,
+    pub driver: Arc<dyn ContainerDriver>,
+    store: Arc<Mutex<DesiredStore>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -143,6 +148,9 @@ impl Shared {
         let result = self.store().submit(source, text, (self.clock)());
         match &result {
             Ok((Outcome::Accepted, e)) => {
+                if let Some(spec) = placement::spec_of(e) {
+                    self.placement.input(Input::Workload(spec));
+                }
                 self.metrics.accepted(source);
                 self.metrics.workloads.set(self.store().len() as i64);
                 tracing::info!(
@@ -223,6 +231,8 @@ pub struct NodeOptions {
     pub clock: fn() -> OffsetDateTime,
     /// The sandbox status to report (the CLI confines the process before starting the node).
     pub sandbox: serde_json::Value,
+    /// Placement timers and limits.
+    pub scheduler: SchedulerConfig,
 }
 
 impl NodeOptions {
@@ -232,6 +242,7 @@ impl NodeOptions {
             config_path,
             clock: OffsetDateTime::now_utc,
             sandbox: serde_json::json!({ "enforced": false, "reason": "not confined" }),
+            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -373,8 +384,48 @@ pub async fn start(
     let (mesh, events) = beemesh_mesh::spawn(mesh_cfg, shutdown.clone()).await?;
     mesh.subscribe(MANIFEST_TOPIC).await?;
 
+    let driver = make_driver(cfg).await?;
+    let store = Arc::new(Mutex::new(store));
+    let lookup_store = store.clone();
+    let lookup: Arc<placement::Lookup> =
+        Arc::new(move |ns: &str, name: &str, content: &ContentId| {
+            let store = lookup_store.lock().unwrap_or_else(|p| p.into_inner());
+            store
+                .get(ns, name)
+                .filter(|e| e.content_id == *content)
+                .map(|e| Arc::new(e.manifest.clone()))
+        });
+    let mut tasks = Vec::new();
+    let (placement, placement_tasks) = placement::spawn(
+        placement::Context {
+            local: peer_id.to_base58(),
+            node_name: name.clone(),
+            data_dir: data_dir.clone(),
+            mesh: mesh.clone(),
+            driver: driver.clone(),
+            lookup,
+        },
+        opts.scheduler.clone(),
+        shutdown.clone(),
+    );
+    tasks.extend(placement_tasks);
+    placement.input(Input::NodeUp {
+        node: peer_id.to_base58(),
+        info: placement::node_info(&announcement),
+    });
+    {
+        let store = store.lock().unwrap_or_else(|p| p.into_inner());
+        for e in store.entries() {
+            if let Some(spec) = placement::spec_of(e) {
+                placement.input(Input::Workload(spec));
+            }
+        }
+    }
+
     let metrics = Metrics::new();
-    metrics.workloads.set(store.len() as i64);
+    metrics
+        .workloads
+        .set(store.lock().map(|s| s.len()).unwrap_or(0) as i64);
     let shared = Arc::new(Shared {
         name,
         labels: cfg.node.labels.clone(),
@@ -386,10 +437,11 @@ pub async fn start(
         mesh,
         metrics,
         clock: opts.clock,
-        store: Mutex::new(store),
+        placement,
+        driver,
+        store,
     });
 
-    let mut tasks = Vec::new();
     let (api_socket, api_tcp, api_tasks) =
         crate::api::serve(shared.clone(), &cfg.api, shutdown.clone()).await?;
     tasks.extend(api_tasks);
@@ -501,7 +553,29 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
             data,
             reply,
         } => {
-            if protocol == SYNC_PROTOCOL {
+            if protocol == placement::SCHEDULER_PROTOCOL {
+                match placement::decode_message(&data) {
+                    Ok(msg) => {
+                        shared.placement.input(Input::Message {
+                            from: peer.to_base58(),
+                            msg,
+                        });
+                        reply.respond(Vec::new());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, "{e}");
+                        reply.refuse(e);
+                    }
+                }
+            } else if protocol == placement::STATUS_PROTOCOL {
+                let placement = shared.placement.clone();
+                tokio::spawn(async move {
+                    match placement::answer_status(&placement, &data).await {
+                        Ok(bytes) => reply.respond(bytes),
+                        Err(e) => reply.refuse(e),
+                    }
+                });
+            } else if protocol == SYNC_PROTOCOL {
                 match answer_sync(shared, &data) {
                     Ok(bytes) => reply.respond(bytes),
                     Err(e) => {
@@ -513,11 +587,30 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                 reply.refuse(format!("unknown protocol {protocol}"));
             }
         }
-        MeshEvent::PeerUp { peer, .. } => {
+        MeshEvent::PeerUp { peer, announcement } => {
             tracing::info!(%peer, "peer up");
+            if let Ok(a) = serde_json::from_slice::<Announcement>(&announcement) {
+                shared.placement.input(Input::NodeUp {
+                    node: peer.to_base58(),
+                    info: placement::node_info(&a),
+                });
+            }
             tokio::spawn(sync_with(shared.clone(), peer));
         }
-        MeshEvent::PeerDown { peer } => tracing::info!(%peer, "peer down"),
+        MeshEvent::PeerUpdated { peer, announcement } => {
+            if let Ok(a) = serde_json::from_slice::<Announcement>(&announcement) {
+                shared.placement.input(Input::NodeUpdated {
+                    node: peer.to_base58(),
+                    info: placement::node_info(&a),
+                });
+            }
+        }
+        MeshEvent::PeerDown { peer } => {
+            tracing::info!(%peer, "peer down");
+            shared.placement.input(Input::NodeDown {
+                node: peer.to_base58(),
+            });
+        }
         MeshEvent::PeerRejected { peer, reason } => {
             shared.metrics.peers_rejected.inc();
             tracing::warn!(%peer, "refused peer: {reason}");
@@ -525,7 +618,7 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
         MeshEvent::RefusedByPeer { peer, reason } => {
             tracing::warn!(%peer, "peer refused this node: {reason}")
         }
-        MeshEvent::PeerUpdated { .. } | MeshEvent::Listening { .. } => {}
+        MeshEvent::Listening { .. } => {}
     }
 }
 
@@ -581,4 +674,29 @@ pub async fn sync_with(shared: Arc<Shared>, peer: PeerId) {
         }
     }
     shared.metrics.syncs.inc();
+}
+
+/// The container driver the host config asks for.
+async fn make_driver(cfg: &HostConfig) -> Result<Arc<dyn ContainerDriver>, NodeError> {
+    match cfg.runtime.driver {
+        Driver::Podman => {
+            let pc = beemesh_driver::PodmanConfig::from_host(&cfg.runtime);
+            let socket = pc.socket.clone();
+            let d = beemesh_driver::PodmanDriver::connect(pc).await.map_err(|e| {
+                NodeError::Config(format!(
+                    "runtime.driver = \"podman\", but the Podman API at {} does not answer ({e}); \
+                     start it (`systemctl --user enable --now podman.socket`) or set runtime.driver = \"process\"",
+                    socket.display()
+                ))
+            })?;
+            Ok(Arc::new(d))
+        }
+        Driver::Process => {
+            let mut pc = beemesh_driver::ProcessConfig::new(cfg.node.data_dir.join("process"));
+            pc.landlock = cfg.sandbox.landlock;
+            let d = beemesh_driver::ProcessDriver::new(pc)
+                .map_err(|e| NodeError::Config(format!("process driver: {e}")))?;
+            Ok(Arc::new(d))
+        }
+    }
 }

@@ -50,6 +50,8 @@ domain = "example.org"
 signers = ["{op}"]
 admission = "{adm}"
 ticket = "{ticket}"
+[runtime]
+driver = "process"
 [api]
 socket = "{sock}"
 [sandbox]
@@ -82,6 +84,12 @@ landlock = "off"
         .await
         .expect("node starts");
         (node, shutdown)
+    }
+
+    fn signed_text(&self, text: &str) -> String {
+        let mut s = SignedManifest::new(text);
+        s.add_signature("test", &self.operator).expect("sign");
+        s.to_toml()
     }
 
     fn signed(&self, generation: u64, deleted: bool) -> String {
@@ -231,4 +239,58 @@ async fn http_get(sock: &Path, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
+}
+
+fn running_on(placements: &serde_json::Value) -> Vec<String> {
+    placements["placements"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["state"] == "running")
+                .filter_map(|p| p["node"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_is_placed_on_exactly_replicas_distinct_nodes_and_runs() {
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let (b, b_stop) = fleet.start("b", Some(&a)).await;
+    let (c, c_stop) = fleet.start("c", Some(&a)).await;
+    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"sleeper\"\ngeneration = 1\n\
+        [placement]\nreplicas = 2\nspread = \"node\"\n\
+        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    b.shared
+        .apply(&fleet.signed_text(manifest))
+        .await
+        .expect("accepted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = serde_json::Value::Null;
+    loop {
+        let sock = c.api_socket.clone();
+        let body = http_get(&sock, "/v1/workloads/default/sleeper").await;
+        if let Some(json) = body.split("\r\n\r\n").nth(1) {
+            last = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+            let mut nodes = running_on(&last);
+            nodes.sort();
+            nodes.dedup();
+            if nodes.len() == 2 && last["placements"].as_array().map(Vec::len) == Some(2) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached 2 running replicas on distinct nodes: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for s in [a_stop, b_stop, c_stop] {
+        s.cancel();
+    }
+    for n in [a, b, c] {
+        let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
+    }
 }

@@ -1,0 +1,85 @@
+# Sandboxing of beemesh.service, on top of what the daemon does to itself (DESIGN.md
+# section 6: no capabilities, no_new_privs, Landlock confinement to its own files and
+# sockets, runtime/sandbox). Every single-valued setting is a mkDefault, so one can be relaxed
+# alone; the lists are ordinary definitions, so a configuration adds to them (mkForce replaces).
+#
+# What the daemon needs, and so what stays allowed:
+#   - writes to its data directory and to /run/beemesh (the API socket) only;
+#   - its rootless Podman's API socket (./podman.nix binds it into the hidden /run/user);
+#   - the Landlock system calls, prctl and capset (it drops what it holds itself), setrlimit
+#     and prlimit (memory limits of containers on cgroup v1, docs/drivers.md);
+#   - /proc of the containers' processes, which belong to the user and its subordinate ids
+#     (resource usage), hence no ProtectProc=invisible;
+#   - unix, IPv4, IPv6 and netlink sockets (libp2p watches interfaces over netlink).
+# It creates no namespaces: rootless Podman runs in the user's own systemd instance, outside
+# this unit, so RestrictNamespaces= costs the podman driver nothing.
+# With the process driver, workloads are children of the daemon and inherit all of this
+# (docs/drivers.md): MemoryDenyWriteExecute= in particular would break JIT runtimes, so it is
+# only set for the podman driver.
+{ config, lib, ... }:
+let
+  cfg = config.services.beemesh;
+  podmanDriver = (cfg.settings.runtime.driver or "podman") == "podman";
+  landlock = (cfg.settings.sandbox.landlock or "required") != "off";
+in
+{
+  options.services.beemesh.hardening.enable = lib.mkOption {
+    type = lib.types.bool;
+    default = true;
+    description = ''
+      Sandbox beemesh.service with systemd (read-only system, no capabilities, a system call
+      filter, no new namespaces) and make sure Landlock is among the kernel's LSMs.
+    '';
+  };
+
+  config = lib.mkIf (cfg.enable && cfg.hardening.enable) {
+    # `[sandbox] landlock = "required"` (the default) refuses to start without Landlock.
+    # NixOS lists it by default; this states the dependency (security.lsm becomes the kernel's
+    # lsm= parameter, and the kernel ignores a repeated entry).
+    security.lsm = lib.mkIf landlock [ "landlock" ];
+
+    systemd.services.beemesh.serviceConfig = lib.mapAttrs (_: lib.mkDefault) {
+      ProtectSystem = "strict";
+      ProtectHome = "tmpfs";
+      PrivateTmp = true;
+      PrivateDevices = true;
+      DevicePolicy = "closed";
+      PrivateMounts = true;
+      ProtectKernelTunables = true;
+      ProtectKernelModules = true;
+      ProtectKernelLogs = true;
+      ProtectControlGroups = true;
+      ProtectClock = true;
+      ProtectHostname = true;
+
+      NoNewPrivileges = true;
+      CapabilityBoundingSet = "";
+      AmbientCapabilities = "";
+      RestrictSUIDSGID = true;
+      RestrictNamespaces = true;
+      RestrictRealtime = true;
+      LockPersonality = true;
+      MemoryDenyWriteExecute = podmanDriver;
+      UMask = "0077";
+      SystemCallArchitectures = "native";
+      SystemCallErrorNumber = "EPERM";
+    } // {
+      ReadWritePaths = [
+        cfg.dataDir
+        "/run/beemesh"
+      ];
+      RestrictAddressFamilies = [
+        "AF_UNIX"
+        "AF_INET"
+        "AF_INET6"
+        "AF_NETLINK"
+      ];
+      SystemCallFilter = [
+        "@system-service"
+        "landlock_create_ruleset"
+        "landlock_add_rule"
+        "landlock_restrict_self"
+      ];
+    };
+  };
+}

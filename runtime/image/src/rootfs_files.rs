@@ -1,0 +1,69 @@
+//! The files of the image's own design, from runtime/image/rootfs/ (embedded, so the
+//! `beemesh` binary builds images without the source tree): (path, bytes, mode). Add a line
+//! here for every file added there.
+
+pub const FILES: &[(&str, &[u8], u32)] = &[
+    (
+        "/etc/containers/containers.conf",
+        include_bytes!("../rootfs/etc/containers/containers.conf"),
+        0o644,
+    ),
+    (
+        "/etc/containers/storage.conf",
+        include_bytes!("../rootfs/etc/containers/storage.conf"),
+        0o644,
+    ),
+    ("/etc/fstab", include_bytes!("../rootfs/etc/fstab"), 0o644),
+    (
+        "/etc/systemd/network/80-dhcp.network",
+        include_bytes!("../rootfs/etc/systemd/network/80-dhcp.network"),
+        0o644,
+    ),
+    (
+        "/usr/lib/beemesh/copy-config",
+        include_bytes!("../rootfs/usr/lib/beemesh/copy-config"),
+        0o755,
+    ),
+    (
+        "/usr/lib/beemesh/load-images",
+        include_bytes!("../rootfs/usr/lib/beemesh/load-images"),
+        0o755,
+    ),
+    (
+        "/usr/lib/repart.d/50-data.conf",
+        include_bytes!("../rootfs/usr/lib/repart.d/50-data.conf"),
+        0o644,
+    ),
+    (
+        "/usr/lib/systemd/journald.conf.d/beemesh.conf",
+        include_bytes!("../rootfs/usr/lib/systemd/journald.conf.d/beemesh.conf"),
+        0o644,
+    ),
+    (
+        "/usr/lib/systemd/system/beemesh-config.service",
+        include_bytes!("../rootfs/usr/lib/systemd/system/beemesh-config.service"),
+        0o644,
+    ),
+    (
+        "/usr/lib/systemd/system/beemesh-images.service",
+        include_bytes!("../rootfs/usr/lib/systemd/system/beemesh-images.service"),
+        0o644,
+    ),
+    (
+        "/usr/lib/systemd/system/beemesh.service",
+        include_bytes!("../rootfs/usr/lib/systemd/system/beemesh.service"),
+        0o644,
+    ),
+    (
+        "/usr/lib/systemd/system/systemd-networkd-wait-online.service.d/beemesh.conf",
+        include_bytes!(
+            "../rootfs/usr/lib/systemd/system/systemd-networkd-wait-online.service.d/beemesh.conf"
+        ),
+        0o644,
+    ),
+    (
+        "/usr/lib/tmpfiles.d/beemesh.conf",
+        include_bytes!("../rootfs/usr/lib/tmpfiles.d/beemesh.conf"),
+        0o644,
+    ),
+];

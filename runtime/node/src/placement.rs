@@ -1,0 +1,439 @@
+//! Placement on a node: the task that owns the scheduler state machine, and the reconcile
+//! loop that turns its decisions into replicas through the container driver.
+//!
+//! - The scheduler task is the only owner of [`Scheduler`]. Inputs (membership, desired
+//!   state, protocol messages, replica reports) arrive on a channel; it calls
+//!   `handle(input, now)` with the node's monotonic clock and carries out the outputs: protocol
+//!   messages go to peers over `/beemesh/sched/1`, `Start`/`Stop` change the set of replicas
+//!   this node must run, `Persist` writes `<data_dir>/assignments.json` atomically.
+//! - At start the persisted assignments are restored before the mesh is consulted, so a node
+//!   that restarts without any connectivity restarts its replicas by itself.
+//! - The reconcile loop runs the driver's `reconcile` over the wanted set every few seconds
+//!   (and at once after a change), and reports each replica's transitions back to the
+//!   scheduler (running, failed with the reason, stopped).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use beemesh_driver::{ContainerDriver, ReplicaSpec as DriverSpec, ReplicaState as DriverState};
+use beemesh_manifest::ContentId;
+use beemesh_mesh::{MeshHandle, PeerId};
+use beemesh_scheduler::{
+    Input, LocalAssignments, Message, NodeInfo, Output, Replica, ReplicaId, Resources, Scheduler,
+    SchedulerConfig, StatusQuery, StatusReply, WorkloadId, WorkloadSpec, WorkloadStatus,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::capacity::Capacity;
+use crate::node::Announcement;
+use crate::store::Entry;
+
+pub use beemesh_scheduler::{SCHEDULER_PROTOCOL, STATUS_PROTOCOL};
+
+/// How often the reconcile loop runs when nothing changes (restarts of dead replicas).
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(3);
+const ASSIGNMENTS_FILE: &str = "assignments.json";
+
+type Id = String;
+
+enum Command {
+    Input(Input<Id>),
+    Status {
+        workloads: Vec<WorkloadId>,
+        reply: oneshot::Sender<Vec<(WorkloadStatus<Id>, Vec<Id>)>>,
+    },
+}
+
+/// A cloneable handle to the scheduler task.
+#[derive(Clone)]
+pub struct Placement {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Placement {
+    pub fn input(&self, input: Input<Id>) {
+        let _ = self.tx.send(Command::Input(input));
+    }
+
+    /// Each workload's status in this node's view, with whom to ask when the view is not
+    /// authoritative (the coordinator first).
+    pub async fn status(&self, workloads: Vec<WorkloadId>) -> Vec<(WorkloadStatus<Id>, Vec<Id>)> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Status { workloads, reply }).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+pub fn resources(c: &Capacity) -> Resources {
+    Resources::new(c.allocatable_cpu, c.allocatable_memory)
+}
+
+pub fn node_info(a: &Announcement) -> NodeInfo {
+    NodeInfo {
+        name: a.name.clone(),
+        labels: a.labels.clone(),
+        allocatable: resources(&a.capacity),
+    }
+}
+
+pub fn spec_of(e: &Entry) -> Option<WorkloadSpec> {
+    WorkloadSpec::from_manifest(&e.manifest, e.content_id)
+        .map_err(|err| tracing::warn!("cannot place {}: {err}", e.manifest.id()))
+        .ok()
+}
+
+/// Finds a manifest by namespace, name and content id.
+pub type Lookup =
+    dyn Fn(&str, &str, &ContentId) -> Option<Arc<beemesh_manifest::Manifest>> + Send + Sync;
+
+/// What the reconcile loop must run, shared with the scheduler task.
+#[derive(Default)]
+struct Wanted {
+    replicas: BTreeMap<ReplicaId, Replica>,
+}
+
+/// Everything the placement tasks need from the node.
+pub struct Context {
+    pub local: Id,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub mesh: MeshHandle,
+    pub driver: Arc<dyn ContainerDriver>,
+    /// Finds a manifest by workload and content id in the desired-state store.
+    pub lookup: Arc<Lookup>,
+}
+
+/// Starts the scheduler task and the reconcile loop. `restore` replays the persisted
+/// assignments before anything else.
+pub fn spawn(
+    ctx: Context,
+    config: SchedulerConfig,
+    shutdown: CancellationToken,
+) -> (Placement, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let placement = Placement { tx };
+    let wanted = Arc::new(std::sync::Mutex::new(Wanted::default()));
+    let changed = Arc::new(Notify::new());
+    let ctx = Arc::new(ctx);
+    let sched = Scheduler::new(ctx.local.clone(), config);
+    let t1 = tokio::spawn(scheduler_task(
+        sched,
+        rx,
+        ctx.clone(),
+        wanted.clone(),
+        changed.clone(),
+        shutdown.clone(),
+    ));
+    let t2 = tokio::spawn(reconcile_loop(
+        ctx,
+        wanted,
+        changed,
+        placement.clone(),
+        shutdown,
+    ));
+    (placement, vec![t1, t2])
+}
+
+fn load_assignments(path: &std::path::Path) -> Option<LocalAssignments> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::error!(
+                "{}: unreadable assignments, ignoring them: {e}",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+async fn scheduler_task(
+    mut sched: Scheduler<Id>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    ctx: Arc<Context>,
+    wanted: Arc<std::sync::Mutex<Wanted>>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let epoch = Instant::now();
+    let now = || epoch.elapsed().as_millis() as u64;
+    let path = ctx.data_dir.join(ASSIGNMENTS_FILE);
+    if let Some(saved) = load_assignments(&path) {
+        match sched.restore(saved, now()) {
+            Ok(out) => {
+                tracing::info!("restored persisted assignments");
+                carry_out(&ctx, out, &wanted, &changed, &path);
+            }
+            Err(e) => tracing::error!("cannot restore assignments: {e}"),
+        }
+    }
+    loop {
+        let deadline = sched.next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(Duration::from_millis(d.saturating_sub(now()))).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outputs = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sleep => sched.handle(Input::Tick, now()),
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Command::Input(input)) => sched.handle(input, now()),
+                Some(Command::Status { workloads, reply }) => {
+                    let out = workloads
+                        .iter()
+                        .map(|w| (sched.status(w), sched.status_sources(w, 3)))
+                        .collect();
+                    let _ = reply.send(out);
+                    Vec::new()
+                }
+            },
+        };
+        carry_out(&ctx, outputs, &wanted, &changed, &path);
+    }
+}
+
+fn carry_out(
+    ctx: &Arc<Context>,
+    outputs: Vec<Output<Id>>,
+    wanted: &Arc<std::sync::Mutex<Wanted>>,
+    changed: &Arc<Notify>,
+    path: &std::path::Path,
+) {
+    let mut touched = false;
+    for out in outputs {
+        match out {
+            Output::Send { to, msg } => send(ctx, to, msg),
+            Output::Start { replica } => {
+                let mut w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+                w.replicas.insert(replica.id.clone(), replica);
+                touched = true;
+            }
+            Output::Stop { replica } => {
+                let mut w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+                w.replicas.remove(&replica);
+                touched = true;
+            }
+            Output::Persist(assignments) => match serde_json::to_vec_pretty(&assignments) {
+                Ok(bytes) => {
+                    if let Err(e) = beemesh_manifest::input::write_atomically(path, &bytes) {
+                        tracing::error!("cannot persist assignments to {}: {e}", path.display());
+                    }
+                }
+                Err(e) => tracing::error!("cannot encode assignments: {e}"),
+            },
+        }
+    }
+    if touched {
+        changed.notify_one();
+    }
+}
+
+fn send(ctx: &Arc<Context>, to: Id, msg: Message) {
+    let Ok(peer) = to.parse::<PeerId>() else {
+        tracing::warn!("scheduler addressed a message to {to:?}, which is not a peer id");
+        return;
+    };
+    let Ok(bytes) = serde_json::to_vec(&msg) else {
+        return;
+    };
+    let mesh = ctx.mesh.clone();
+    tokio::spawn(async move {
+        if let Err(e) = mesh.request(peer, SCHEDULER_PROTOCOL, bytes).await {
+            // Timers in the state machine recover from lost messages.
+            tracing::debug!(%peer, "scheduler message not delivered: {e}");
+        }
+    });
+}
+
+/// Decodes a scheduler message from a peer.
+pub fn decode_message(data: &[u8]) -> Result<Message, String> {
+    serde_json::from_slice(data).map_err(|e| format!("malformed scheduler message: {e}"))
+}
+
+/// Answers a peer's placement query from this node's view.
+pub async fn answer_status(placement: &Placement, data: &[u8]) -> Result<Vec<u8>, String> {
+    let q: StatusQuery =
+        serde_json::from_slice(data).map_err(|e| format!("malformed status query: {e}"))?;
+    let statuses = placement
+        .status(q.workloads)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    serde_json::to_vec(&StatusReply { statuses }).map_err(|e| e.to_string())
+}
+
+/// Each workload's placements: this node's view where it is authoritative, else the
+/// coordinator's (asked over the mesh, one query per coordinator), falling back to the local
+/// view when the coordinator does not answer in time.
+pub async fn statuses(
+    placement: &Placement,
+    mesh: &MeshHandle,
+    local: &str,
+    workloads: Vec<WorkloadId>,
+) -> BTreeMap<WorkloadId, WorkloadStatus<Id>> {
+    let mut out = BTreeMap::new();
+    let mut ask: BTreeMap<Id, Vec<WorkloadId>> = BTreeMap::new();
+    for (status, sources) in placement.status(workloads).await {
+        let coordinator = sources.into_iter().next();
+        match coordinator {
+            Some(c) if !status.authoritative && c != local => {
+                ask.entry(c).or_default().push(status.workload.clone());
+            }
+            _ => {}
+        }
+        out.insert(status.workload.clone(), status);
+    }
+    for (coordinator, list) in ask {
+        let Ok(peer) = coordinator.parse::<PeerId>() else {
+            continue;
+        };
+        let Ok(req) = serde_json::to_vec(&StatusQuery { workloads: list }) else {
+            continue;
+        };
+        let answer = tokio::time::timeout(
+            Duration::from_secs(3),
+            mesh.request(peer, STATUS_PROTOCOL, req),
+        )
+        .await;
+        if let Ok(Ok(bytes)) = answer
+            && let Ok(reply) = serde_json::from_slice::<StatusReply<Id>>(&bytes)
+        {
+            for s in reply.statuses {
+                if s.authoritative {
+                    out.insert(s.workload.clone(), s);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reported {
+    Running,
+    Failed(String),
+}
+
+async fn reconcile_loop(
+    ctx: Arc<Context>,
+    wanted: Arc<std::sync::Mutex<Wanted>>,
+    changed: Arc<Notify>,
+    placement: Placement,
+    shutdown: CancellationToken,
+) {
+    let mut reported: BTreeMap<ReplicaId, Reported> = BTreeMap::new();
+    let mut running_ids: BTreeSet<ReplicaId> = BTreeSet::new();
+    loop {
+        let current: Vec<Replica> = {
+            let w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+            w.replicas.values().cloned().collect()
+        };
+        let mut specs = Vec::new();
+        let mut by_driver_id = BTreeMap::new();
+        for r in &current {
+            let content = ContentId::from(r.content);
+            match (ctx.lookup)(&r.id.workload.namespace, &r.id.workload.name, &content) {
+                Some(manifest) => {
+                    let spec = DriverSpec {
+                        id: beemesh_driver::ReplicaId::new(
+                            &*r.id.workload.namespace,
+                            &*r.id.workload.name,
+                            r.id.index,
+                        ),
+                        content_id: content.to_string(),
+                        node: ctx.node_name.clone(),
+                        manifest,
+                        env: BTreeMap::new(),
+                    };
+                    by_driver_id.insert(spec.id.clone(), r.id.clone());
+                    specs.push(spec);
+                }
+                None => {
+                    let reason = format!(
+                        "manifest {content} of {} is not in this node's desired state",
+                        r.id.workload
+                    );
+                    report(&placement, &mut reported, &r.id, Reported::Failed(reason));
+                }
+            }
+        }
+        match beemesh_driver::reconcile(&*ctx.driver, &specs, &ctx.node_name, false).await {
+            Ok(outcome) => {
+                for (driver_id, result) in outcome.ensured {
+                    let Some(id) = by_driver_id.get(&driver_id) else {
+                        continue;
+                    };
+                    let state = match result {
+                        Ok(status) => match status.state {
+                            DriverState::Running => Some(Reported::Running),
+                            DriverState::Failed { reason } => Some(Reported::Failed(reason)),
+                            DriverState::Pending | DriverState::Starting => None,
+                        },
+                        Err(e) => Some(Reported::Failed(e.to_string())),
+                    };
+                    if let Some(state) = state {
+                        report(&placement, &mut reported, id, state);
+                    }
+                }
+                for (driver_id, result) in outcome.removed {
+                    if let Err(e) = result {
+                        tracing::warn!("stopping {driver_id:?}: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                "reconcile with the {} driver failed: {e}",
+                ctx.driver.name()
+            ),
+        }
+        // Replicas no longer wanted have been stopped by this pass.
+        let now_wanted: BTreeSet<ReplicaId> = current.iter().map(|r| r.id.clone()).collect();
+        for gone in running_ids.difference(&now_wanted) {
+            placement.input(Input::ReplicaStopped {
+                replica: gone.clone(),
+            });
+            reported.remove(gone);
+        }
+        running_ids = now_wanted;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+        }
+    }
+}
+
+fn report(
+    placement: &Placement,
+    reported: &mut BTreeMap<ReplicaId, Reported>,
+    id: &ReplicaId,
+    state: Reported,
+) {
+    if reported.get(id) == Some(&state) {
+        return;
+    }
+    let input = match &state {
+        Reported::Running => Input::ReplicaStarted {
+            replica: id.clone(),
+        },
+        Reported::Failed(reason) => {
+            tracing::warn!("replica {id} failed: {reason}");
+            Input::ReplicaFailed {
+                replica: id.clone(),
+                reason: reason.clone(),
+            }
+        }
+    };
+    placement.input(input);
+    reported.insert(id.clone(), state);
+}

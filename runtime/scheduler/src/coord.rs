@@ -1,0 +1,1212 @@
+//! The coordinator's side: one node per workload (the first live node at or after the
+//! workload's ring position) keeps the table of its replica slots, tenders vacant slots to a
+//! small sample of eligible nodes, awards them to the best bids, and reconciles the claims
+//! hosts report by a total order.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use beemesh_manifest::workload::Spread;
+
+use crate::config::backoff;
+use crate::hash::{SplitMix, mix, tiebreak};
+use crate::members::node_ring;
+use crate::message::{
+    Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica, Revoke,
+    RevokeReason, SlotAward, Tender,
+};
+use crate::scheduler::{PlacementView, Scheduler, Timer, WorkloadStatus, workload_ring};
+use crate::score;
+use crate::types::{
+    Millis, NodeInfo, NodeKey, ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec,
+};
+
+/// Most nodes remembered per slot as having refused or given it back.
+const MAX_AVOID: usize = 16;
+/// Most reports kept for workloads this node may soon coordinate.
+const MAX_EARLY_REPORTS: usize = 4096;
+
+#[derive(Debug)]
+pub(crate) struct Coord<I> {
+    pub spec: Arc<WorkloadSpec>,
+    pub ring: u64,
+    pub slots: BTreeMap<ReplicaIndex, Slot<I>>,
+    /// Every epoch this coordinator hands out is above every epoch it has seen.
+    pub next_epoch: u64,
+    pub round: u64,
+    pub tender: Option<Open<I>>,
+    /// Unknown slots are not treated as missing before this (takeover grace).
+    pub ready_at: Millis,
+    /// The workload arrived new while this node coordinated: nothing of it can exist yet.
+    pub fresh: bool,
+    pub retry_at: Millis,
+    pub failed_rounds: u32,
+    /// Cannot be placed with the current membership: retried only when it grows.
+    pub parked: Option<String>,
+    /// Could not be placed for lack of free capacity: retried with backoff.
+    pub shortfall: Option<String>,
+    pub wake: Option<Millis>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot<I> {
+    /// The best claim known for this replica.
+    pub holder: Option<Claim<I>>,
+    /// An award not yet accepted.
+    pub pending: Option<Pending<I>>,
+    /// The holder's node has been down since.
+    pub down_since: Option<Millis>,
+    /// Nodes that refused or gave back this replica (not asked again for it).
+    pub avoid: Vec<I>,
+    /// Being replaced by a new generation (counts against `max_unavailable`).
+    pub upgrading: bool,
+}
+
+impl<I> Default for Slot<I> {
+    fn default() -> Self {
+        Self {
+            holder: None,
+            pending: None,
+            down_since: None,
+            avoid: Vec::new(),
+            upgrading: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Claim<I> {
+    pub node: I,
+    pub generation: u64,
+    pub epoch: u64,
+    pub state: ReplicaState,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Pending<I> {
+    pub node: I,
+    pub epoch: u64,
+    pub spec: Arc<WorkloadSpec>,
+    pub round: u64,
+    pub deadline: Millis,
+    pub attempts: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Open<I> {
+    pub round: u64,
+    pub generation: u64,
+    pub indexes: Vec<ReplicaIndex>,
+    pub answers: BTreeMap<I, Answer>,
+    pub deadline: Millis,
+    /// Fewer candidates than asked for existed: every eligible node was asked.
+    pub exhaustive: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Waiting,
+    Bid(Bid),
+    Declined(DeclineReason),
+}
+
+impl<I: NodeKey> Open<I> {
+    fn complete(&self) -> bool {
+        self.answers.values().all(|a| !matches!(a, Answer::Waiting))
+    }
+}
+
+/// The total order on claims to one replica: newer generation, then newer epoch, then the
+/// rendezvous weight of (workload, index, node), then the node id. The greatest wins.
+pub(crate) fn claim_key<I: NodeKey>(
+    ring: u64,
+    index: ReplicaIndex,
+    c: &Claim<I>,
+) -> (u64, u64, u64, &I) {
+    (
+        c.generation,
+        c.epoch,
+        tiebreak(ring, index, node_ring(&c.node)),
+        &c.node,
+    )
+}
+
+impl<I: NodeKey> Coord<I> {
+    pub fn new(spec: Arc<WorkloadSpec>, ready_at: Millis, fresh: bool) -> Self {
+        Self {
+            ring: workload_ring(&spec.id),
+            spec,
+            slots: BTreeMap::new(),
+            next_epoch: 1,
+            round: 0,
+            tender: None,
+            ready_at,
+            fresh,
+            retry_at: 0,
+            failed_rounds: 0,
+            parked: None,
+            shortfall: None,
+            wake: None,
+        }
+    }
+
+    /// Whether anything of this workload involves `node`.
+    pub fn references(&self, node: &I) -> bool {
+        self.slots.values().any(|s| {
+            s.holder.as_ref().is_some_and(|h| &h.node == node)
+                || s.pending.as_ref().is_some_and(|p| &p.node == node)
+        }) || self
+            .tender
+            .as_ref()
+            .is_some_and(|t| t.answers.contains_key(node))
+    }
+
+    pub fn unpark(&mut self, now: Millis) {
+        self.parked = None;
+        self.failed_rounds = 0;
+        self.retry_at = now;
+    }
+
+    pub fn status(&self, w: &WorkloadId) -> WorkloadStatus<I> {
+        let wanted = self.spec.wanted();
+        let mut placements = Vec::new();
+        let mut placed = 0;
+        let mut running = 0;
+        for (&index, s) in &self.slots {
+            if index < wanted && (s.holder.is_some() || s.pending.is_some()) {
+                placed += 1;
+            }
+            if let Some(h) = &s.holder {
+                if h.state == ReplicaState::Running {
+                    running += 1;
+                }
+                placements.push(PlacementView {
+                    node: h.node.clone(),
+                    index,
+                    generation: h.generation,
+                    state: h.state,
+                });
+            }
+            if let Some(p) = &s.pending
+                && s.holder
+                    .as_ref()
+                    .is_none_or(|h| h.node != p.node || h.generation != p.spec.generation)
+            {
+                placements.push(PlacementView {
+                    node: p.node.clone(),
+                    index,
+                    generation: p.spec.generation,
+                    state: ReplicaState::Pending,
+                });
+            }
+        }
+        WorkloadStatus {
+            workload: w.clone(),
+            generation: self.spec.generation,
+            replicas: wanted,
+            placed,
+            running,
+            placements,
+            unschedulable: self.parked.clone().or_else(|| self.shortfall.clone()),
+            authoritative: true,
+        }
+    }
+}
+
+/// Collects the earliest of several deadlines.
+#[derive(Default)]
+struct Wake(Option<Millis>);
+
+impl Wake {
+    fn at(&mut self, t: Millis) {
+        self.0 = Some(self.0.map_or(t, |w| w.min(t)));
+    }
+}
+
+impl<I: NodeKey> Scheduler<I> {
+    /// Starts coordinating a workload. `fresh`: it is new to this node while this node was
+    /// settled, so no replica of it can exist and nothing needs to be waited for.
+    pub(crate) fn gain(&mut self, spec: Arc<WorkloadSpec>, fresh: bool, now: Millis) {
+        let w = spec.id.clone();
+        let ready_at = if fresh {
+            now
+        } else {
+            (now + self.config.takeover_grace).max(self.settle_end())
+        };
+        self.coords
+            .insert(w.clone(), Coord::new(spec, ready_at, fresh));
+        // This node's own replicas of the workload are claims like any other.
+        let own: Vec<(u64, ReportedReplica)> = self
+            .held
+            .get(&w)
+            .map(|slots| {
+                slots
+                    .iter()
+                    .map(|(&index, h)| {
+                        (
+                            h.spec.generation,
+                            ReportedReplica {
+                                index,
+                                epoch: h.epoch,
+                                state: h.state,
+                                relinquish: false,
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let local = self.local.clone();
+        for (generation, r) in own {
+            self.observe(&w, &local, generation, r, now);
+        }
+        self.report_target.insert(w.clone(), local);
+        if let Some(early) = self.early_reports.remove(&w) {
+            self.early_count -= early.len();
+            let fresh_enough = now.saturating_sub(self.config.report_interval);
+            for (from, at, rw) in early {
+                if at < fresh_enough || !self.members.is_live(&from) {
+                    continue;
+                }
+                let reported = rw.spec;
+                if reported.generation > self.coords.get(&w).map_or(0, |c| c.spec.generation) {
+                    self.update_spec(&w, reported.clone(), now);
+                }
+                for rr in rw.replicas {
+                    self.observe(&w, &from, reported.generation, rr, now);
+                }
+            }
+        }
+        self.drive(&w, now);
+    }
+
+    pub(crate) fn prune_early_reports(&mut self, now: Millis) {
+        let horizon = now.saturating_sub(self.config.report_interval);
+        let mut count = 0;
+        self.early_reports.retain(|_, v| {
+            v.retain(|e| e.1 >= horizon);
+            count += v.len();
+            !v.is_empty()
+        });
+        self.early_count = count;
+    }
+
+    /// Stops coordinating a workload (another node is its coordinator now).
+    pub(crate) fn lose(&mut self, w: &WorkloadId) {
+        if let Some(c) = self.coords.remove(w) {
+            if let Some(at) = c.wake {
+                self.disarm(at, Timer::Coord(w.clone()));
+            }
+            if let Some(t) = c.tender {
+                self.release_bidders(w, &t, None);
+            }
+        }
+    }
+
+    fn release_bidders(
+        &mut self,
+        w: &WorkloadId,
+        t: &Open<I>,
+        winners: Option<&BTreeMap<I, Vec<ReplicaIndex>>>,
+    ) {
+        for (node, a) in &t.answers {
+            if matches!(a, Answer::Bid(_)) && winners.is_none_or(|win| !win.contains_key(node)) {
+                self.send(
+                    node,
+                    Message::Release(Release {
+                        round: t.round,
+                        workload: w.clone(),
+                    }),
+                );
+            }
+        }
+    }
+
+    /// A newer generation (or tombstone) of a coordinated workload.
+    pub(crate) fn update_spec(&mut self, w: &WorkloadId, spec: Arc<WorkloadSpec>, now: Millis) {
+        let Some(mut c) = self.coords.remove(w) else {
+            return;
+        };
+        if spec.generation > c.spec.generation {
+            c.spec = spec;
+            c.failed_rounds = 0;
+            c.parked = None;
+            c.shortfall = None;
+            c.retry_at = now;
+            for s in c.slots.values_mut() {
+                s.avoid.clear();
+            }
+            // Bids were for the old generation's resources: start over.
+            if let Some(t) = c.tender.take() {
+                self.release_bidders(w, &t, None);
+            }
+        }
+        self.coords.insert(w.clone(), c);
+    }
+
+    /// Brings one workload's table forward: expiries, retries, conflicts, and a tender for
+    /// whatever is missing.
+    pub(crate) fn drive(&mut self, w: &WorkloadId, now: Millis) {
+        let Some(mut c) = self.coords.remove(w) else {
+            return;
+        };
+        let mut wake = Wake::default();
+        let mut outbox: Vec<(I, Message)> = Vec::new();
+        let keep = self.drive_coord(w, &mut c, now, &mut wake, &mut outbox);
+        for (to, msg) in outbox {
+            self.send(&to, msg);
+        }
+        // Whatever path drive_coord took, every pending award and every vanished holder
+        // has a deadline to come back to.
+        for s in c.slots.values() {
+            if let Some(p) = &s.pending {
+                wake.at(p.deadline);
+            }
+            if let Some(since) = s.down_since {
+                wake.at(since.saturating_add(c.spec.reschedule_after));
+            }
+        }
+        if let Some(t) = &c.tender {
+            wake.at(t.deadline);
+        }
+        if !keep {
+            if let Some(at) = c.wake {
+                self.disarm(at, Timer::Coord(w.clone()));
+            }
+            return;
+        }
+        if c.wake != wake.0 {
+            if let Some(old) = c.wake {
+                self.disarm(old, Timer::Coord(w.clone()));
+            }
+            if let Some(new) = wake.0 {
+                self.arm(new.max(now), Timer::Coord(w.clone()));
+            }
+            c.wake = wake.0.map(|t| t.max(now));
+        }
+        self.coords.insert(w.clone(), c);
+    }
+
+    fn drive_coord(
+        &mut self,
+        w: &WorkloadId,
+        c: &mut Coord<I>,
+        now: Millis,
+        wake: &mut Wake,
+        outbox: &mut Vec<(I, Message)>,
+    ) -> bool {
+        let spec = c.spec.clone();
+        if spec.deleted {
+            for (&index, s) in &c.slots {
+                if let Some(h) = &s.holder {
+                    outbox.push((
+                        h.node.clone(),
+                        revoke(w, index, h.generation, h.epoch, RevokeReason::NotWanted),
+                    ));
+                }
+                if let Some(p) = &s.pending {
+                    outbox.push((
+                        p.node.clone(),
+                        revoke(
+                            w,
+                            index,
+                            p.spec.generation,
+                            p.epoch,
+                            RevokeReason::NotWanted,
+                        ),
+                    ));
+                }
+            }
+            if let Some(t) = c.tender.take() {
+                self.release_bidders(w, &t, None);
+            }
+            return false;
+        }
+        let wanted = spec.wanted();
+        let mut freed = false;
+
+        // 1. Holders that vanished, awards that were not accepted.
+        for (&index, s) in c.slots.iter_mut() {
+            if let Some(h) = &s.holder {
+                if self.members.is_live(&h.node) {
+                    s.down_since = None;
+                } else {
+                    let since = *s.down_since.get_or_insert(now);
+                    let due = since.saturating_add(spec.reschedule_after);
+                    if now >= due {
+                        s.holder = None;
+                        s.down_since = None;
+                        s.upgrading = false;
+                        freed = true;
+                        self.stats.rescheduled += 1;
+                    } else {
+                        wake.at(due);
+                    }
+                }
+            }
+            let mut drop_pending = false;
+            if let Some(p) = &mut s.pending {
+                if !self.members.is_live(&p.node) {
+                    drop_pending = true;
+                } else if now >= p.deadline {
+                    if p.attempts < self.config.award_attempts {
+                        p.attempts += 1;
+                        p.deadline = now + self.config.award_timeout;
+                        wake.at(p.deadline);
+                        outbox.push((
+                            p.node.clone(),
+                            Message::Award(Award {
+                                round: p.round,
+                                spec: p.spec.clone(),
+                                slots: vec![SlotAward {
+                                    index,
+                                    epoch: p.epoch,
+                                }],
+                            }),
+                        ));
+                    } else {
+                        drop_pending = true;
+                    }
+                } else {
+                    wake.at(p.deadline);
+                }
+            }
+            if drop_pending && let Some(p) = s.pending.take() {
+                avoid(s, p.node);
+                freed = true;
+            }
+        }
+
+        // 2. Replicas beyond the count.
+        let beyond: Vec<ReplicaIndex> = c.slots.range(wanted..).map(|(i, _)| *i).collect();
+        for index in beyond {
+            if let Some(s) = c.slots.remove(&index) {
+                if let Some(h) = s.holder {
+                    outbox.push((
+                        h.node,
+                        revoke(w, index, h.generation, h.epoch, RevokeReason::NotWanted),
+                    ));
+                }
+                if let Some(p) = s.pending {
+                    outbox.push((
+                        p.node,
+                        revoke(
+                            w,
+                            index,
+                            p.spec.generation,
+                            p.epoch,
+                            RevokeReason::NotWanted,
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // 3. `spread = "node"`: one replica per node; the lowest index keeps it.
+        if spec.spread == Spread::Node {
+            let mut seen: BTreeSet<I> = BTreeSet::new();
+            for (&index, s) in c.slots.iter_mut() {
+                let mut here: Vec<I> = Vec::new();
+                if let Some(h) = &s.holder {
+                    if seen.contains(&h.node) {
+                        outbox.push((
+                            h.node.clone(),
+                            revoke(w, index, h.generation, h.epoch, RevokeReason::Spread),
+                        ));
+                        s.holder = None;
+                        s.down_since = None;
+                        freed = true;
+                        self.stats.conflicts_resolved += 1;
+                    } else {
+                        here.push(h.node.clone());
+                    }
+                }
+                if let Some(p) = &s.pending
+                    && seen.contains(&p.node)
+                {
+                    outbox.push((
+                        p.node.clone(),
+                        revoke(w, index, p.spec.generation, p.epoch, RevokeReason::Spread),
+                    ));
+                    s.pending = None;
+                    freed = true;
+                } else if let Some(p) = &s.pending {
+                    here.push(p.node.clone());
+                }
+                seen.extend(here);
+            }
+        }
+        if freed {
+            c.parked = None;
+        }
+
+        // 4. An open tender: close it when every candidate answered or time is up.
+        if let Some(t) = &c.tender {
+            if now >= t.deadline || t.complete() {
+                self.close_tender(w, c, now, outbox);
+            } else {
+                wake.at(t.deadline);
+                return true;
+            }
+        }
+
+        // 5. What is missing.
+        if now < c.ready_at {
+            wake.at(c.ready_at);
+            return true;
+        }
+        let solo_block = !c.fresh && !self.config.solo && self.members.live_count() <= 1;
+        let mut to_tender: Vec<ReplicaIndex> = Vec::new();
+        for index in 0..wanted {
+            match c.slots.get(&index) {
+                None if !solo_block => to_tender.push(index),
+                Some(s) if s.holder.is_none() && s.pending.is_none() => to_tender.push(index),
+                _ => {}
+            }
+        }
+        // Rolling replacement of an older generation, `max_unavailable` at a time.
+        let budget = spec.transition_budget();
+        let mut in_flight = c.slots.values().filter(|s| s.upgrading).count() as u32;
+        let outdated: Vec<ReplicaIndex> = c
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.pending.is_none()
+                    && s.holder
+                        .as_ref()
+                        .is_some_and(|h| h.generation < spec.generation)
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        for index in outdated {
+            let Some(s) = c.slots.get_mut(&index) else {
+                continue;
+            };
+            if !s.upgrading {
+                if in_flight >= budget {
+                    continue;
+                }
+                in_flight += 1;
+                s.upgrading = true;
+            }
+            let Some(h) = &s.holder else { continue };
+            let in_place = !s.avoid.contains(&h.node)
+                && self.members.info(&h.node).is_some_and(|info| {
+                    spec.selects(&info.labels) && spec.resources.fits_in(&info.allocatable)
+                });
+            if in_place {
+                let epoch = c.next_epoch;
+                c.next_epoch += 1;
+                s.pending = Some(Pending {
+                    node: h.node.clone(),
+                    epoch,
+                    spec: spec.clone(),
+                    round: c.round,
+                    deadline: now + self.config.award_timeout,
+                    attempts: 1,
+                });
+                wake.at(now + self.config.award_timeout);
+                outbox.push((
+                    h.node.clone(),
+                    Message::Award(Award {
+                        round: c.round,
+                        spec: spec.clone(),
+                        slots: vec![SlotAward { index, epoch }],
+                    }),
+                ));
+                self.stats.awards += 1;
+                self.stats.replicas_awarded += 1;
+            } else {
+                to_tender.push(index);
+            }
+        }
+        to_tender.sort_unstable();
+        to_tender.dedup();
+        if to_tender.is_empty() {
+            c.shortfall = None;
+            return true;
+        }
+        if c.parked.is_some() {
+            return true;
+        }
+        if now < c.retry_at {
+            wake.at(c.retry_at);
+            return true;
+        }
+        self.open_tender(c, to_tender, now, outbox);
+        if let Some(t) = &c.tender {
+            wake.at(t.deadline);
+        }
+        true
+    }
+
+    fn open_tender(
+        &mut self,
+        c: &mut Coord<I>,
+        indexes: Vec<ReplicaIndex>,
+        now: Millis,
+        outbox: &mut Vec<(I, Message)>,
+    ) {
+        let spec = c.spec.clone();
+        c.round += 1;
+        let wanted = u32::try_from(indexes.len()).unwrap_or(u32::MAX);
+        let mut exclude: BTreeSet<I> = BTreeSet::new();
+        if spec.spread == Spread::Node {
+            for s in c.slots.values() {
+                if let Some(h) = &s.holder {
+                    exclude.insert(h.node.clone());
+                }
+                if let Some(p) = &s.pending {
+                    exclude.insert(p.node.clone());
+                }
+            }
+        }
+        for i in &indexes {
+            if let Some(s) = c.slots.get(i) {
+                exclude.extend(s.avoid.iter().cloned());
+            }
+        }
+        let cfg = &self.config;
+        let per = u64::from(cfg.choices.max(1)) * u64::from(wanted);
+        let size = (per << c.failed_rounds.min(6)).clamp(
+            u64::from(cfg.min_candidates.max(1)),
+            u64::from(cfg.max_candidates.max(1)),
+        );
+        let size = usize::try_from(size).unwrap_or(64);
+        let mut rng = SplitMix::new(mix(mix(c.ring, c.round), self.local_ring));
+        let eligible = |id: &I, info: &NodeInfo| {
+            !exclude.contains(id)
+                && spec.selects(&info.labels)
+                && spec.resources.fits_in(&info.allocatable)
+        };
+        let mut cands: Vec<I> = Vec::with_capacity(size);
+        // Half the sample among nodes carrying a preferred label, so a rare preference is
+        // still found; the other half among all eligible nodes.
+        if !spec.prefer.is_empty()
+            && let Some((pool, n)) = self.members.rarest(spec.prefer.iter())
+            && n > 0
+        {
+            let half = size.div_ceil(2);
+            self.members.sample(
+                &mut rng,
+                half,
+                Some(&pool),
+                |id, info| eligible(id, info) && spec.preferred(&info.labels) > 0,
+                &mut cands,
+            );
+        }
+        let pool = self.members.rarest(spec.selector.iter()).map(|p| p.0);
+        let rest = size.saturating_sub(cands.len());
+        self.members
+            .sample(&mut rng, rest, pool.as_ref(), eligible, &mut cands);
+        if cands.is_empty() {
+            self.no_room(c, indexes.len(), true, String::new(), now);
+            return;
+        }
+        let exhaustive = cands.len() < size;
+        let tender = Tender {
+            round: c.round,
+            spec: spec.clone(),
+            wanted,
+            hold_ms: self.config.hold,
+        };
+        let mut answers = BTreeMap::new();
+        for node in cands {
+            outbox.push((node.clone(), Message::Tender(tender.clone())));
+            answers.insert(node, Answer::Waiting);
+        }
+        self.stats.tenders_opened += 1;
+        c.tender = Some(Open {
+            round: c.round,
+            generation: spec.generation,
+            indexes,
+            answers,
+            deadline: now + self.config.bid_timeout,
+            exhaustive,
+        });
+    }
+
+    /// Awards the best bids of the open tender.
+    fn close_tender(
+        &mut self,
+        w: &WorkloadId,
+        c: &mut Coord<I>,
+        now: Millis,
+        outbox: &mut Vec<(I, Message)>,
+    ) {
+        let Some(t) = c.tender.take() else { return };
+        let spec = c.spec.clone();
+        let wanted = spec.wanted();
+        let need: Vec<ReplicaIndex> = t
+            .indexes
+            .iter()
+            .copied()
+            .filter(|i| {
+                *i < wanted
+                    && c.slots.get(i).is_none_or(|s| {
+                        s.pending.is_none()
+                            && s.holder
+                                .as_ref()
+                                .is_none_or(|h| h.generation < spec.generation)
+                    })
+            })
+            .collect();
+        // Nodes that hold a replica now (a report may have arrived during the tender).
+        let mut occupied: BTreeSet<I> = BTreeSet::new();
+        if spec.spread == Spread::Node {
+            for s in c.slots.values() {
+                if let Some(h) = &s.holder {
+                    occupied.insert(h.node.clone());
+                }
+                if let Some(p) = &s.pending {
+                    occupied.insert(p.node.clone());
+                }
+            }
+        }
+        struct Cand<'a, I> {
+            node: &'a I,
+            left: u32,
+            free: Resources,
+            bid: &'a Bid,
+            weight: u64,
+        }
+        let mut cands: Vec<Cand<'_, I>> = t
+            .answers
+            .iter()
+            .filter_map(|(node, a)| match a {
+                Answer::Bid(b)
+                    if b.generation == t.generation
+                        && b.slots > 0
+                        && self.members.is_live(node)
+                        && !occupied.contains(node) =>
+                {
+                    Some(Cand {
+                        node,
+                        left: if spec.spread == Spread::Node {
+                            1
+                        } else {
+                            b.slots
+                        },
+                        free: b.free,
+                        bid: b,
+                        weight: tiebreak(c.ring, 0, node_ring(node)),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        let prefer_total = spec.prefer.len();
+        let mut winners: BTreeMap<I, Vec<ReplicaIndex>> = BTreeMap::new();
+        for &index in &need {
+            // Highest score for one more replica, then rendezvous weight, then lowest id.
+            let best = cands
+                .iter_mut()
+                .filter(|k| k.left > 0 && spec.resources.fits_in(&k.free))
+                .max_by(|a, b| {
+                    let sa = score(
+                        &a.free.saturating_sub(&spec.resources),
+                        &a.bid.allocatable,
+                        a.bid.preferred,
+                        prefer_total,
+                    );
+                    let sb = score(
+                        &b.free.saturating_sub(&spec.resources),
+                        &b.bid.allocatable,
+                        b.bid.preferred,
+                        prefer_total,
+                    );
+                    (sa, a.weight, Reverse(a.node)).cmp(&(sb, b.weight, Reverse(b.node)))
+                });
+            let Some(k) = best else { break };
+            k.left -= 1;
+            k.free = k.free.saturating_sub(&spec.resources);
+            winners.entry(k.node.clone()).or_default().push(index);
+        }
+        let placed: usize = winners.values().map(Vec::len).sum();
+        if placed > 0 {
+            let epoch = c.next_epoch;
+            c.next_epoch += 1;
+            for (node, idxs) in &winners {
+                for &index in idxs {
+                    let s = c.slots.entry(index).or_default();
+                    if s.holder
+                        .as_ref()
+                        .is_some_and(|h| h.generation < spec.generation)
+                    {
+                        s.upgrading = true;
+                    }
+                    s.pending = Some(Pending {
+                        node: node.clone(),
+                        epoch,
+                        spec: spec.clone(),
+                        round: t.round,
+                        deadline: now + self.config.award_timeout,
+                        attempts: 1,
+                    });
+                }
+                outbox.push((
+                    node.clone(),
+                    Message::Award(Award {
+                        round: t.round,
+                        spec: spec.clone(),
+                        slots: idxs
+                            .iter()
+                            .map(|&index| SlotAward { index, epoch })
+                            .collect(),
+                    }),
+                ));
+            }
+            self.stats.awards += winners.len() as u64;
+            self.stats.replicas_awarded += placed as u64;
+        }
+        self.release_bidders(w, &t, Some(&winners));
+        let unfilled = need.len() - placed;
+        if unfilled == 0 {
+            c.failed_rounds = 0;
+            c.shortfall = None;
+            c.retry_at = now;
+        } else {
+            self.no_room(c, unfilled, t.exhaustive, answers_summary(&t), now);
+        }
+    }
+
+    /// Some replicas found no taker: try a larger sample at once, or (after every eligible
+    /// node was asked, or a few rounds) find out whether the mesh could ever take them.
+    fn no_room(
+        &mut self,
+        c: &mut Coord<I>,
+        unfilled: usize,
+        exhaustive: bool,
+        answers: String,
+        now: Millis,
+    ) {
+        c.failed_rounds += 1;
+        if !exhaustive && c.failed_rounds < 3 {
+            c.retry_at = now;
+            return;
+        }
+        self.stats.unschedulable_checks += 1;
+        match self.static_check(&c.spec) {
+            Err(reason) => {
+                c.parked = Some(reason);
+                c.shortfall = None;
+            }
+            Ok(n) => {
+                c.shortfall = Some(format!(
+                    "{unfilled} of {} replicas not placed: no room for {} per replica among {n} eligible nodes{answers}; retrying",
+                    c.spec.wanted(),
+                    c.spec.resources
+                ));
+                c.retry_at = now
+                    + backoff(
+                        self.config.retry_min,
+                        self.config.retry_max,
+                        c.failed_rounds,
+                        mix(c.ring, u64::from(c.failed_rounds)),
+                    );
+            }
+        }
+    }
+
+    /// Whether the live membership could ever hold the workload, ignoring what runs now.
+    pub(crate) fn static_check(&self, spec: &WorkloadSpec) -> Result<usize, String> {
+        let wanted = spec.wanted();
+        let (mut matching, mut fitting) = (0usize, 0usize);
+        let mut largest = Resources::ZERO;
+        for (_, _, info) in self.members.live_nodes() {
+            if !spec.selects(&info.labels) {
+                continue;
+            }
+            matching += 1;
+            largest.cpu = largest.cpu.max(info.allocatable.cpu);
+            largest.memory = largest.memory.max(info.allocatable.memory);
+            if spec.resources.fits_in(&info.allocatable) {
+                fitting += 1;
+            }
+        }
+        if matching == 0 {
+            return Err(if spec.selector.is_empty() {
+                "no live node".to_owned()
+            } else {
+                format!(
+                    "no live node matches selector {}",
+                    show_labels(&spec.selector)
+                )
+            });
+        }
+        if fitting == 0 {
+            return Err(format!(
+                "one replica needs {} but no node matching the selector has that much allocatable (largest: {})",
+                spec.resources, largest
+            ));
+        }
+        if spec.spread == Spread::Node && fitting < wanted as usize {
+            return Err(format!(
+                "spread = \"node\" needs {wanted} nodes but only {fitting} match the selector and have the capacity"
+            ));
+        }
+        Ok(fitting)
+    }
+
+    pub(crate) fn on_bid(&mut self, from: &I, b: Bid, now: Millis) {
+        let w = b.workload.clone();
+        let round = b.round;
+        let mut done = false;
+        let mut stale = true;
+        if let Some(t) = self.coords.get_mut(&w).and_then(|c| c.tender.as_mut())
+            && t.round == round
+            && let Some(a) = t.answers.get_mut(from)
+        {
+            *a = Answer::Bid(b);
+            done = t.complete();
+            stale = false;
+        }
+        if stale {
+            // The tender is over: free the bidder's reservation now rather than at expiry.
+            self.send(from, Message::Release(Release { round, workload: w }));
+        } else if done {
+            self.drive(&w, now);
+        }
+    }
+
+    pub(crate) fn on_decline(&mut self, from: &I, d: Decline, now: Millis) {
+        let mut done = false;
+        if let Some(t) = self
+            .coords
+            .get_mut(&d.workload)
+            .and_then(|c| c.tender.as_mut())
+            && t.round == d.round
+            && let Some(a) = t.answers.get_mut(from)
+        {
+            *a = Answer::Declined(d.reason);
+            done = t.complete();
+        }
+        if done {
+            self.drive(&d.workload, now);
+        }
+    }
+
+    pub(crate) fn on_refuse(&mut self, from: &I, r: Refuse, now: Millis) {
+        let Some(c) = self.coords.get_mut(&r.workload) else {
+            return;
+        };
+        for sa in &r.slots {
+            if let Some(s) = c.slots.get_mut(&sa.index)
+                && s.pending
+                    .as_ref()
+                    .is_some_and(|p| &p.node == from && p.epoch == sa.epoch)
+            {
+                s.pending = None;
+                avoid(s, from.clone());
+            }
+        }
+        self.drive(&r.workload, now);
+    }
+
+    /// A host's report: adopt, update or revoke each claim.
+    pub(crate) fn on_report(&mut self, from: &I, r: Report, now: Millis) {
+        for rw in r.workloads {
+            let w = rw.spec.id.clone();
+            if self.coordinator(&w).is_none_or(|c| c != self.local) {
+                // The host's view differs from ours. If we are next in line, its failure
+                // detector probably fired before ours: keep the report for when we take over.
+                // Otherwise its periodic report finds the right coordinator.
+                if self.status_sources(&w, 3).contains(&self.local)
+                    && self.early_count < MAX_EARLY_REPORTS
+                {
+                    self.early_count += 1;
+                    self.early_reports
+                        .entry(w)
+                        .or_default()
+                        .push((from.clone(), now, rw));
+                }
+                continue;
+            }
+            let reported = rw.spec;
+            let desired = self.desired.get(&w).cloned();
+            let newest = match &desired {
+                Some(d) if d.generation >= reported.generation => d.clone(),
+                _ => reported.clone(),
+            };
+            if !self.coords.contains_key(&w) {
+                if newest.deleted {
+                    for rr in &rw.replicas {
+                        let msg = revoke(
+                            &w,
+                            rr.index,
+                            reported.generation,
+                            rr.epoch,
+                            RevokeReason::NotWanted,
+                        );
+                        self.send(from, msg);
+                    }
+                    continue;
+                }
+                self.gain(newest, false, now);
+            } else if self
+                .coords
+                .get(&w)
+                .is_some_and(|c| newest.generation > c.spec.generation)
+            {
+                self.update_spec(&w, newest, now);
+            }
+            for rr in rw.replicas {
+                self.observe(&w, from, reported.generation, rr, now);
+            }
+            self.drive(&w, now);
+        }
+    }
+
+    /// One claim from `from` on replica `r.index` of generation `generation`.
+    pub(crate) fn observe(
+        &mut self,
+        w: &WorkloadId,
+        from: &I,
+        generation: u64,
+        r: ReportedReplica,
+        now: Millis,
+    ) {
+        let Some(c) = self.coords.get_mut(w) else {
+            return;
+        };
+        c.next_epoch = c.next_epoch.max(r.epoch.saturating_add(1));
+        let wanted = c.spec.wanted();
+        let current = c.spec.generation;
+        let ring = c.ring;
+        let mut outbox: Vec<(I, Message)> = Vec::new();
+        if r.relinquish {
+            if let Some(s) = c.slots.get_mut(&r.index) {
+                if s.holder.as_ref().is_some_and(|h| {
+                    &h.node == from && h.generation == generation && h.epoch == r.epoch
+                }) {
+                    s.holder = None;
+                    s.down_since = None;
+                    s.upgrading = false;
+                    c.parked = None;
+                }
+                avoid(s, from.clone());
+            }
+            return;
+        }
+        if c.spec.deleted || r.index >= wanted || generation > current {
+            // Not wanted (or a generation this coordinator cannot judge yet: it has updated
+            // its spec from the report before calling, so this means a tombstone won).
+            if c.spec.deleted || r.index >= wanted {
+                outbox.push((
+                    from.clone(),
+                    revoke(w, r.index, generation, r.epoch, RevokeReason::NotWanted),
+                ));
+            }
+        } else {
+            let claim = Claim {
+                node: from.clone(),
+                generation,
+                epoch: r.epoch,
+                state: r.state,
+            };
+            let s = c.slots.entry(r.index).or_default();
+            if s.pending.as_ref().is_some_and(|p| {
+                &p.node == from && p.epoch == r.epoch && p.spec.generation == generation
+            }) {
+                s.pending = None;
+            }
+            match &mut s.holder {
+                None => s.holder = Some(claim),
+                Some(h) if &h.node == from => {
+                    if (generation, r.epoch) >= (h.generation, h.epoch) {
+                        *h = claim;
+                        s.down_since = None;
+                    }
+                }
+                Some(h) => {
+                    if claim_key(ring, r.index, &claim) > claim_key(ring, r.index, h) {
+                        let reason = if generation > h.generation {
+                            RevokeReason::Replaced
+                        } else {
+                            RevokeReason::Conflict
+                        };
+                        outbox.push((
+                            h.node.clone(),
+                            revoke(w, r.index, h.generation, h.epoch, reason),
+                        ));
+                        *h = claim;
+                        s.down_since = None;
+                    } else {
+                        outbox.push((
+                            from.clone(),
+                            revoke(w, r.index, generation, r.epoch, RevokeReason::Conflict),
+                        ));
+                    }
+                    self.stats.conflicts_resolved += 1;
+                }
+            }
+            if s.holder
+                .as_ref()
+                .is_some_and(|h| h.generation == current && h.state == ReplicaState::Running)
+            {
+                s.upgrading = false;
+                s.avoid.clear();
+            }
+        }
+        let _ = now;
+        for (to, msg) in outbox {
+            self.send(&to, msg);
+        }
+    }
+}
+
+/// What the candidates of a tender answered, for an unschedulable reason.
+fn answers_summary<I: NodeKey>(t: &Open<I>) -> String {
+    let (mut bids, mut capacity, mut other, mut silent) = (0, 0, 0, 0);
+    for a in t.answers.values() {
+        match a {
+            Answer::Bid(_) => bids += 1,
+            Answer::Declined(DeclineReason::Capacity { .. }) => capacity += 1,
+            Answer::Declined(_) => other += 1,
+            Answer::Waiting => silent += 1,
+        }
+    }
+    format!(
+        " (last tender: {} asked, {bids} bid, {capacity} full, {other} declined, {silent} silent)",
+        t.answers.len()
+    )
+}
+
+fn avoid<I: NodeKey>(s: &mut Slot<I>, node: I) {
+    if !s.avoid.contains(&node) {
+        if s.avoid.len() >= MAX_AVOID {
+            s.avoid.remove(0);
+        }
+        s.avoid.push(node);
+    }
+}
+
+fn revoke(
+    w: &WorkloadId,
+    index: ReplicaIndex,
+    generation: u64,
+    epoch: u64,
+    reason: RevokeReason,
+) -> Message {
+    Message::Revoke(Revoke {
+        workload: w.clone(),
+        index,
+        generation,
+        epoch,
+        reason,
+    })
+}
+
+fn show_labels(l: &BTreeMap<String, String>) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in l.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let _ = write!(s, "{k} = {v:?}");
+    }
+    s.push('}');
+    s
+}

@@ -1,0 +1,238 @@
+//! The protocol messages. They travel point to point (request/response on
+//! [`crate::SCHEDULER_PROTOCOL`]); none is broadcast. The sender is the transport's authenticated
+//! peer, never a field of the message. Every struct tolerates unknown fields and defaults the
+//! fields a neighbouring version may lack, so adjacent versions coexist; a variant unknown to
+//! the receiver fails to decode and is dropped (the protocol recovers by its timers).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Message {
+    /// Coordinator → sampled candidate: may you host up to `wanted` replicas of `spec`?
+    Tender(Tender),
+    /// Candidate → coordinator: yes, capacity is reserved until the tender's hold expires.
+    Bid(Bid),
+    /// Candidate → coordinator: no (nothing is reserved).
+    Decline(Decline),
+    /// Coordinator → winner: run these replica indexes, under these epochs.
+    Award(Award),
+    /// Coordinator → bidder that won nothing: drop the reservation now.
+    Release(Release),
+    /// Winner → coordinator: cannot take (some of) an award.
+    Refuse(Refuse),
+    /// Host → coordinator: the replicas of some workloads this node holds. Answers an award
+    /// (acceptance), follows every state change, a coordinator change, and runs periodically
+    /// as anti-entropy.
+    Report(Report),
+    /// Coordinator → host: stop this claim (it lost to a better one, or is no longer wanted).
+    Revoke(Revoke),
+}
+
+impl Message {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Tender(_) => "tender",
+            Message::Bid(_) => "bid",
+            Message::Decline(_) => "decline",
+            Message::Award(_) => "award",
+            Message::Release(_) => "release",
+            Message::Refuse(_) => "refuse",
+            Message::Report(_) => "report",
+            Message::Revoke(_) => "revoke",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tender {
+    /// Per coordinator and workload; bids, awards and releases name it.
+    pub round: u64,
+    /// What is placed: replica count, resources per replica, selector, prefer, spread.
+    pub spec: Arc<WorkloadSpec>,
+    /// Replicas this tender fills (the candidate may offer fewer).
+    #[serde(default = "one")]
+    pub wanted: u32,
+    /// How long a bidder holds its reservation, in milliseconds.
+    #[serde(default)]
+    pub hold_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bid {
+    pub round: u64,
+    pub workload: WorkloadId,
+    #[serde(default)]
+    pub generation: u64,
+    /// Replicas reserved (1 with `spread = "node"`).
+    #[serde(default)]
+    pub slots: u32,
+    /// Free capacity before this bid's reservation: allocatable minus allocated minus reserved.
+    #[serde(default)]
+    pub free: Resources,
+    #[serde(default)]
+    pub allocatable: Resources,
+    /// How many of the workload's `prefer` labels the bidder carries.
+    #[serde(default)]
+    pub preferred: u32,
+    /// [`crate::score`] of the first replica on this node.
+    #[serde(default)]
+    pub score: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decline {
+    pub round: u64,
+    pub workload: WorkloadId,
+    pub reason: DeclineReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeclineReason {
+    /// The node's labels do not match the selector.
+    Selector,
+    /// Not enough free capacity; carries what is free.
+    Capacity { free: Resources },
+    /// `spread = "node"` and the node already holds a replica of the workload.
+    AlreadyHosts,
+    /// The node knows a newer generation, or a tombstone.
+    Stale,
+    /// The node has not learnt its own capacity yet.
+    NotReady,
+    /// A reason added by a newer version.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Award {
+    pub round: u64,
+    pub spec: Arc<WorkloadSpec>,
+    pub slots: Vec<SlotAward>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAward {
+    pub index: ReplicaIndex,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub round: u64,
+    pub workload: WorkloadId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    pub workload: WorkloadId,
+    #[serde(default)]
+    pub generation: u64,
+    pub slots: Vec<SlotAward>,
+    pub reason: DeclineReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub workloads: Vec<ReportedWorkload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedWorkload {
+    /// The spec the host was awarded (lets a coordinator that never saw the manifest take over).
+    pub spec: Arc<WorkloadSpec>,
+    pub replicas: Vec<ReportedReplica>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedReplica {
+    pub index: ReplicaIndex,
+    pub epoch: u64,
+    pub state: ReplicaState,
+    /// The host gives the slot back (it failed here too often); the coordinator places it
+    /// elsewhere and stops counting this claim.
+    #[serde(default)]
+    pub relinquish: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoke {
+    pub workload: WorkloadId,
+    pub index: ReplicaIndex,
+    pub generation: u64,
+    pub epoch: u64,
+    #[serde(default)]
+    pub reason: RevokeReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeReason {
+    /// Another node holds the same replica under a better claim.
+    Conflict,
+    /// The replica index is beyond `replicas`, or the workload is deleted.
+    NotWanted,
+    /// `spread = "node"` and the node holds another replica of the workload.
+    Spread,
+    /// A new generation replaced it on another node.
+    Replaced,
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::WorkloadSpec;
+
+    #[test]
+    fn unknown_fields_are_ignored_and_missing_ones_defaulted() {
+        let json = r#"{"bid":{"round":3,"workload":{"namespace":"a","name":"b"},"future":1}}"#;
+        let m: Message = serde_json::from_str(json).expect("decode");
+        match m {
+            Message::Bid(b) => {
+                assert_eq!(b.round, 3);
+                assert_eq!(b.slots, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let json = r#"{"decline":{"round":1,"workload":{"namespace":"a","name":"b"},"reason":"moon_phase"}}"#;
+        let m: Message = serde_json::from_str(json).expect("decode");
+        assert!(matches!(
+            m,
+            Message::Decline(Decline {
+                reason: DeclineReason::Other,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tender_carries_count_and_resources() {
+        let spec: WorkloadSpec =
+            serde_json::from_str(r#"{"id":{"namespace":"a","name":"b"},"replicas":3,"resources":{"cpu":250,"memory":64}}"#)
+                .expect("spec");
+        let t = Message::Tender(Tender {
+            round: 1,
+            spec: Arc::new(spec),
+            wanted: 3,
+            hold_ms: 5000,
+        });
+        let text = serde_json::to_string(&t).expect("encode");
+        assert!(text.contains("\"replicas\":3"), "{text}");
+        assert!(text.contains("\"cpu\":250"), "{text}");
+        let back: Message = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back, t);
+    }
+}

@@ -1,0 +1,523 @@
+//! A deterministic router for several [`Scheduler`]s: virtual time, a fixed per-link latency,
+//! partitions, node deaths and restarts, message filters, and a fake driver that reports a
+//! replica running shortly after it is started. Each node's membership view is derived from
+//! who can reach whom, so every view change is an explicit `NodeUp`/`NodeDown`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use beemesh_manifest::workload::Spread;
+
+use crate::{
+    Input, LocalAssignments, MemberTable, Message, Millis, NodeInfo, Output, Replica, ReplicaId,
+    ReplicaIndex, Resources, Scheduler, SchedulerConfig, WorkloadId, WorkloadSpec,
+};
+
+pub type Filter = Box<dyn FnMut(Millis, u32, u32, &Message) -> bool>;
+
+pub struct Node {
+    pub sched: Scheduler<u32>,
+    pub info: NodeInfo,
+    pub alive: bool,
+    /// What the fake driver runs.
+    pub running: BTreeMap<ReplicaId, Replica>,
+    pub persisted: Option<LocalAssignments>,
+    /// Whom this node currently believes up.
+    pub sees: BTreeSet<u32>,
+    /// Starts fail on this node.
+    pub broken: bool,
+    pub starts: u64,
+}
+
+enum Ev {
+    Msg { from: u32, to: u32, msg: Message },
+    Started { node: u32, id: ReplicaId },
+}
+
+pub struct Cluster {
+    pub now: Millis,
+    pub nodes: BTreeMap<u32, Node>,
+    queue: BTreeMap<(Millis, u64), Ev>,
+    seq: u64,
+    /// One-way latency; `latency_of` overrides it per link.
+    pub latency: Millis,
+    pub latency_of: Option<Box<dyn Fn(u32, u32) -> Millis>>,
+    pub start_delay: Millis,
+    /// Returns true to drop a message (`now, from, to, msg`).
+    pub filter: Option<Filter>,
+    groups: Option<Vec<BTreeSet<u32>>>,
+    isolated: BTreeSet<u32>,
+    /// Links cut in both directions.
+    cut: BTreeSet<(u32, u32)>,
+    pub config: SchedulerConfig,
+    pub specs: BTreeMap<WorkloadId, WorkloadSpec>,
+    /// Every message sent between distinct nodes (delivered or not): (time, from, to, msg).
+    pub log: Vec<(Millis, u32, u32, Message)>,
+    pub keep_log: bool,
+    pub sent: u64,
+}
+
+pub fn info(cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
+    NodeInfo {
+        name: String::new(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        allocatable: Resources { cpu, memory },
+    }
+}
+
+pub fn spec(name: &str, replicas: u32, spread: Spread) -> WorkloadSpec {
+    WorkloadSpec {
+        id: WorkloadId::new("default", name),
+        generation: 1,
+        content: crate::Digest([1; 32]),
+        deleted: false,
+        replicas,
+        spread,
+        selector: BTreeMap::new(),
+        prefer: BTreeMap::new(),
+        resources: Resources {
+            cpu: 100,
+            memory: 100,
+        },
+        reschedule_after: 3_000,
+        max_unavailable: 1,
+    }
+}
+
+pub fn test_config() -> SchedulerConfig {
+    SchedulerConfig {
+        settle: 1_000,
+        takeover_grace: 500,
+        bid_timeout: 200,
+        award_timeout: 300,
+        hold: 2_000,
+        report_interval: 5_000,
+        ..SchedulerConfig::default()
+    }
+}
+
+impl Cluster {
+    /// `n` nodes that all see each other from time 0.
+    pub fn new(n: u32, info_of: impl Fn(u32) -> NodeInfo, config: SchedulerConfig) -> Self {
+        let mut c = Self::empty(config);
+        for id in 0..n {
+            let info = info_of(id);
+            c.nodes
+                .insert(id, Node::new(Scheduler::new(id, c.config.clone()), info));
+        }
+        for id in 0..n {
+            let info = c.nodes[&id].info.clone();
+            c.input(id, Input::NodeUp { node: id, info });
+        }
+        c.sync_views();
+        c
+    }
+
+    /// `n` nodes starting from one shared membership table (cheap for large meshes).
+    pub fn with_table(n: u32, info_of: impl Fn(u32) -> NodeInfo, config: SchedulerConfig) -> Self {
+        let mut c = Self::empty(config);
+        let table = Arc::new(MemberTable::new((0..n).map(|i| (i, info_of(i)))));
+        for id in 0..n {
+            let mut node = Node::new(
+                Scheduler::with_members(id, c.config.clone(), table.clone()),
+                info_of(id),
+            );
+            node.sees = (0..n).filter(|&j| j != id).collect();
+            c.nodes.insert(id, node);
+        }
+        for id in 0..n {
+            c.input(id, Input::Tick);
+        }
+        c
+    }
+
+    fn empty(config: SchedulerConfig) -> Self {
+        Self {
+            now: 0,
+            nodes: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            latency: 5,
+            latency_of: None,
+            start_delay: 10,
+            filter: None,
+            groups: None,
+            isolated: BTreeSet::new(),
+            cut: BTreeSet::new(),
+            config,
+            specs: BTreeMap::new(),
+            log: Vec::new(),
+            keep_log: true,
+            sent: 0,
+        }
+    }
+
+    pub fn alive(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.alive)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn connected(&self, a: u32, b: u32) -> bool {
+        if a == b {
+            return true;
+        }
+        let (Some(na), Some(nb)) = (self.nodes.get(&a), self.nodes.get(&b)) else {
+            return false;
+        };
+        if !na.alive || !nb.alive || self.isolated.contains(&a) || self.isolated.contains(&b) {
+            return false;
+        }
+        if self.cut.contains(&(a.min(b), a.max(b))) {
+            return false;
+        }
+        match &self.groups {
+            None => true,
+            Some(gs) => gs.iter().any(|g| g.contains(&a) && g.contains(&b)),
+        }
+    }
+
+    /// Makes every live node's view match reachability.
+    pub fn sync_views(&mut self) {
+        let ids: Vec<u32> = self.nodes.keys().copied().collect();
+        for &a in &ids {
+            if !self.nodes[&a].alive {
+                continue;
+            }
+            for &b in &ids {
+                if a == b {
+                    continue;
+                }
+                let want = self.connected(a, b);
+                let has = self.nodes[&a].sees.contains(&b);
+                if want && !has {
+                    let info = self.nodes[&b].info.clone();
+                    self.nodes.get_mut(&a).unwrap().sees.insert(b);
+                    self.input(a, Input::NodeUp { node: b, info });
+                } else if !want && has {
+                    self.nodes.get_mut(&a).unwrap().sees.remove(&b);
+                    self.input(a, Input::NodeDown { node: b });
+                }
+            }
+        }
+    }
+
+    pub fn input(&mut self, node: u32, input: Input<u32>) {
+        let now = self.now;
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        if !n.alive {
+            return;
+        }
+        let outs = n.sched.handle(input, now);
+        self.apply(node, outs);
+    }
+
+    pub fn apply(&mut self, node: u32, outs: Vec<Output<u32>>) {
+        for o in outs {
+            match o {
+                Output::Send { to, msg } => {
+                    self.sent += 1;
+                    if self.keep_log {
+                        self.log.push((self.now, node, to, msg.clone()));
+                    }
+                    let lat = self
+                        .latency_of
+                        .as_ref()
+                        .map_or(self.latency, |f| f(node, to));
+                    self.push(
+                        self.now + lat,
+                        Ev::Msg {
+                            from: node,
+                            to,
+                            msg,
+                        },
+                    );
+                }
+                Output::Start { replica } => {
+                    let n = self.nodes.get_mut(&node).unwrap();
+                    n.starts += 1;
+                    let id = replica.id.clone();
+                    n.running.insert(id.clone(), replica);
+                    let at = self.now + self.start_delay;
+                    self.push(at, Ev::Started { node, id });
+                }
+                Output::Stop { replica } => {
+                    let n = self.nodes.get_mut(&node).unwrap();
+                    n.running.remove(&replica);
+                }
+                Output::Persist(la) => {
+                    self.nodes.get_mut(&node).unwrap().persisted = Some(la);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, at: Millis, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), ev);
+    }
+
+    /// Gives every live node the desired state.
+    pub fn submit(&mut self, spec: WorkloadSpec) {
+        self.specs.insert(spec.id.clone(), spec.clone());
+        for id in self.alive() {
+            self.input(id, Input::Workload(spec.clone()));
+        }
+    }
+
+    pub fn run_for(&mut self, ms: Millis) {
+        let end = self.now + ms;
+        self.run_until(end);
+    }
+
+    pub fn run_until(&mut self, end: Millis) {
+        loop {
+            let next_ev = self.queue.first_key_value().map(|(k, _)| k.0);
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.alive)
+                .filter_map(|(id, n)| n.sched.next_deadline().map(|t| (t, *id)))
+                .min();
+            let t_ev = next_ev.unwrap_or(Millis::MAX);
+            let t_tm = next_timer.map_or(Millis::MAX, |t| t.0);
+            let t = t_ev.min(t_tm);
+            if t > end {
+                self.now = end;
+                return;
+            }
+            self.now = self.now.max(t);
+            if t_ev <= t_tm {
+                let Some((_, ev)) = self.queue.pop_first() else {
+                    continue;
+                };
+                self.deliver(ev);
+            } else if let Some((_, id)) = next_timer {
+                self.input(id, Input::Tick);
+            }
+        }
+    }
+
+    fn deliver(&mut self, ev: Ev) {
+        match ev {
+            Ev::Msg { from, to, msg } => {
+                if !self.connected(from, to) {
+                    return;
+                }
+                if let Some(f) = self.filter.as_mut()
+                    && f(self.now, from, to, &msg)
+                {
+                    return;
+                }
+                self.input(to, Input::Message { from, msg });
+            }
+            Ev::Started { node, id } => {
+                let Some(n) = self.nodes.get(&node) else {
+                    return;
+                };
+                if !n.alive || !n.running.contains_key(&id) {
+                    return;
+                }
+                if n.broken {
+                    self.nodes.get_mut(&node).unwrap().running.remove(&id);
+                    self.input(
+                        node,
+                        Input::ReplicaFailed {
+                            replica: id,
+                            reason: "broken".into(),
+                        },
+                    );
+                } else {
+                    self.input(node, Input::ReplicaStarted { replica: id });
+                }
+            }
+        }
+    }
+
+    /// Kills a node: its replicas die with it; the others notice.
+    pub fn kill(&mut self, id: u32) {
+        let n = self.nodes.get_mut(&id).unwrap();
+        n.alive = false;
+        n.running.clear();
+        n.sees.clear();
+        self.sync_views();
+    }
+
+    /// Restarts a dead node from what it persisted. Without network it sees nobody.
+    pub fn revive(&mut self, id: u32, network: bool) {
+        let cfg = self.config.clone();
+        let now = self.now;
+        let persisted = self.nodes[&id].persisted.clone();
+        let info = self.nodes[&id].info.clone();
+        {
+            let n = self.nodes.get_mut(&id).unwrap();
+            n.sched = Scheduler::new(id, cfg);
+            n.alive = true;
+            n.running.clear();
+            n.sees.clear();
+        }
+        self.input(id, Input::NodeUp { node: id, info });
+        let specs: Vec<WorkloadSpec> = self.specs.values().cloned().collect();
+        for s in specs {
+            self.input(id, Input::Workload(s));
+        }
+        if let Some(p) = persisted {
+            let outs = self
+                .nodes
+                .get_mut(&id)
+                .unwrap()
+                .sched
+                .restore(p, now)
+                .unwrap();
+            self.apply(id, outs);
+        }
+        if network {
+            self.isolated.remove(&id);
+        } else {
+            self.isolated.insert(id);
+        }
+        self.sync_views();
+    }
+
+    /// A new node joins (it learns the desired state, then everyone sees it).
+    pub fn add_node(&mut self, id: u32, info: NodeInfo) {
+        let sched = Scheduler::new(id, self.config.clone());
+        self.nodes.insert(id, Node::new(sched, info.clone()));
+        self.input(id, Input::NodeUp { node: id, info });
+        let specs: Vec<WorkloadSpec> = self.specs.values().cloned().collect();
+        for s in specs {
+            self.input(id, Input::Workload(s));
+        }
+        self.sync_views();
+    }
+
+    pub fn reconnect(&mut self, id: u32) {
+        self.isolated.remove(&id);
+        self.sync_views();
+    }
+
+    pub fn partition(&mut self, groups: &[&[u32]]) {
+        self.groups = Some(groups.iter().map(|g| g.iter().copied().collect()).collect());
+        self.sync_views();
+    }
+
+    pub fn heal(&mut self) {
+        self.groups = None;
+        self.cut.clear();
+        self.sync_views();
+    }
+
+    /// Cuts the link between two nodes only: each believes the other down.
+    pub fn cut_link(&mut self, a: u32, b: u32) {
+        self.cut.insert((a.min(b), a.max(b)));
+        self.sync_views();
+    }
+
+    /// Replicas of `w` the fake drivers of live nodes run: (node, index, generation).
+    pub fn running(&self, w: &WorkloadId) -> Vec<(u32, ReplicaIndex, u64)> {
+        let mut v = Vec::new();
+        for (id, n) in &self.nodes {
+            if !n.alive {
+                continue;
+            }
+            for r in n.running.keys() {
+                if &r.workload == w {
+                    v.push((*id, r.index, r.generation));
+                }
+            }
+        }
+        v
+    }
+
+    /// Exactly `replicas` replicas of the current generation, one per index, honouring the
+    /// selector and the spread; nothing else of the workload runs.
+    pub fn check_exact(&self, w: &WorkloadId) -> Result<(), String> {
+        let spec = &self.specs[w];
+        let run = self.running(w);
+        let want = spec.wanted() as usize;
+        if run.len() != want {
+            return Err(format!("{w}: {} running, want {want}: {run:?}", run.len()));
+        }
+        let idx: BTreeSet<ReplicaIndex> = run.iter().map(|r| r.1).collect();
+        if idx != (0..spec.wanted()).collect() {
+            return Err(format!("{w}: indexes {idx:?}"));
+        }
+        if run.iter().any(|r| r.2 != spec.generation) {
+            return Err(format!("{w}: old generation running: {run:?}"));
+        }
+        if spec.spread == Spread::Node {
+            let nodes: BTreeSet<u32> = run.iter().map(|r| r.0).collect();
+            if nodes.len() != run.len() {
+                return Err(format!("{w}: two replicas on one node: {run:?}"));
+            }
+        }
+        for r in &run {
+            if !spec.selects(&self.nodes[&r.0].info.labels) {
+                return Err(format!("{w}: replica on node {} outside the selector", r.0));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn assert_exact(&self, w: &WorkloadId) {
+        if let Err(e) = self.check_exact(w) {
+            panic!("at {} ms: {e}", self.now);
+        }
+    }
+
+    /// No live node runs more than its allocatable.
+    pub fn check_capacity(&self) -> Result<(), String> {
+        for (id, n) in &self.nodes {
+            if !n.alive {
+                continue;
+            }
+            let used = n
+                .running
+                .values()
+                .fold(Resources::ZERO, |a, r| a.saturating_add(&r.resources));
+            if !used.fits_in(&n.info.allocatable) {
+                return Err(format!("node {id} runs {used} > {}", n.info.allocatable));
+            }
+        }
+        Ok(())
+    }
+
+    /// The coordinator of `w` in the view of the first live node.
+    pub fn coordinator(&self, w: &WorkloadId) -> u32 {
+        let first = self.alive()[0];
+        self.nodes[&first].sched.coordinator(w).unwrap()
+    }
+
+    pub fn sched(&self, id: u32) -> &Scheduler<u32> {
+        &self.nodes[&id].sched
+    }
+
+    /// Messages of one kind in the log.
+    pub fn count(&self, kind: &str) -> usize {
+        self.log.iter().filter(|m| m.3.kind() == kind).count()
+    }
+}
+
+impl Node {
+    fn new(sched: Scheduler<u32>, info: NodeInfo) -> Self {
+        Self {
+            sched,
+            info,
+            alive: true,
+            running: BTreeMap::new(),
+            persisted: None,
+            sees: BTreeSet::new(),
+            broken: false,
+            starts: 0,
+        }
+    }
+}

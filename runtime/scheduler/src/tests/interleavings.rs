@@ -1,0 +1,355 @@
+//! Interleavings: two tenders at once, lost awards and acceptances, a bidder or coordinator
+//! dying at the worst moment, rollouts, deletions, failing replicas.
+
+#![allow(clippy::unwrap_used)]
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use beemesh_manifest::workload::Spread;
+
+use super::harness::{Cluster, info, spec, test_config};
+use crate::message::{Award, Revoke, RevokeReason, SlotAward};
+use crate::{Digest, Input, Message, Output, ReplicaState, Scheduler, SchedulerConfig};
+
+fn uniform(n: u32) -> Cluster {
+    Cluster::new(n, |_| info(1000, 1000, &[]), test_config())
+}
+
+fn settle(c: &mut Cluster) {
+    c.run_for(1_500);
+}
+
+/// Steps until a message matching `pred` is in the log; returns it (time, from, to).
+fn step_until(
+    c: &mut Cluster,
+    mut pred: impl FnMut(&(u64, u32, u32, Message)) -> bool,
+) -> (u64, u32, u32) {
+    for _ in 0..10_000 {
+        if let Some(m) = c.log.iter().find(|m| pred(m)) {
+            return (m.0, m.1, m.2);
+        }
+        c.run_for(1);
+    }
+    panic!("no such message");
+}
+
+#[test]
+fn two_tenders_at_once_from_split_coordinators() {
+    let mut c = uniform(6);
+    settle(&mut c);
+    let w = spec("w", 2, Spread::Node);
+    let order = c.sched(0).status_sources(&w.id, 2);
+    let (c1, c2) = (order[0], order[1]);
+    // c1 and c2 cannot see each other: both believe they coordinate the workload.
+    c.cut_link(c1, c2);
+    c.submit(w.clone());
+    assert!(c.sched(c1).is_coordinating(&w.id) && c.sched(c2).is_coordinating(&w.id));
+    c.run_for(2_000);
+    assert!(c.sched(c1).stats().tenders_opened >= 1 && c.sched(c2).stats().tenders_opened >= 1);
+    // While the link is down each keeps what it knows (a replica c2 awarded itself is
+    // invisible to c1); once views agree, the total order leaves exactly one per replica.
+    c.run_for(6_000);
+    c.heal();
+    c.run_for(3_000);
+    c.assert_exact(&w.id);
+    assert!(!c.sched(c2).is_coordinating(&w.id));
+}
+
+#[test]
+fn two_tenders_at_once_never_overcommit_a_node() {
+    let mut c = Cluster::new(
+        3,
+        |i| {
+            if i == 0 {
+                info(1000, 1000, &[])
+            } else {
+                info(100, 1000, &[])
+            }
+        },
+        test_config(),
+    );
+    settle(&mut c);
+    // Two workloads that only node 0 could hold, one at a time.
+    let mut w1 = spec("first", 1, Spread::Node);
+    w1.resources.cpu = 600;
+    let mut w2 = spec("second", 1, Spread::Node);
+    w2.resources.cpu = 600;
+    c.submit(w1.clone());
+    c.submit(w2.clone());
+    c.run_for(3_000);
+    c.check_capacity().unwrap();
+    let placed = c.running(&w1.id).len() + c.running(&w2.id).len();
+    assert_eq!(placed, 1, "node 0's capacity was reserved by the first bid");
+    let (winner, loser) = if c.running(&w1.id).is_empty() {
+        (w2.clone(), w1.clone())
+    } else {
+        (w1.clone(), w2.clone())
+    };
+    let coord = c.coordinator(&loser.id);
+    let reason = c.sched(coord).status(&loser.id).unschedulable.unwrap();
+    assert!(reason.contains("no room"), "{reason}");
+    // Deleting the winner frees the capacity; the loser gets it on its next retry.
+    let mut tomb = winner.clone();
+    tomb.generation += 1;
+    tomb.deleted = true;
+    c.submit(tomb);
+    c.run_for(1);
+    assert!(
+        c.running(&winner.id).is_empty(),
+        "a tombstone stops replicas at once"
+    );
+    c.run_for(20_000);
+    c.assert_exact(&loser.id);
+    c.check_capacity().unwrap();
+}
+
+#[test]
+fn a_lost_award_is_sent_again_without_a_second_start() {
+    let mut c = uniform(5);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let dropped = Rc::new(Cell::new(0u32));
+    let d = dropped.clone();
+    c.filter = Some(Box::new(move |_, _, _, m| {
+        if matches!(m, Message::Award(_)) && d.get() == 0 {
+            d.set(1);
+            return true;
+        }
+        false
+    }));
+    c.submit(w.clone());
+    c.run_for(3_000);
+    assert_eq!(dropped.get(), 1);
+    c.assert_exact(&w.id);
+    // Awards were resent (one more than the winners), but every host started once.
+    assert!(c.count("award") > 3 - 1);
+    for (node, _, _) in c.running(&w.id) {
+        assert_eq!(c.nodes[&node].starts, 1, "node {node}");
+    }
+}
+
+#[test]
+fn every_award_lost_moves_the_replica_elsewhere() {
+    let cfg = SchedulerConfig {
+        min_candidates: 6,
+        ..test_config()
+    };
+    let mut c = Cluster::new(6, |_| info(1000, 1000, &[]), cfg);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let coord = c.coordinator(&w.id);
+    let deaf = (0..6).find(|&i| i != coord).unwrap();
+    // Make `deaf` the best bidder so it surely wins, then lose every award to it.
+    c.nodes.get_mut(&deaf).unwrap().info.allocatable.cpu = 100_000;
+    let i = c.nodes[&deaf].info.clone();
+    c.input(
+        deaf,
+        Input::NodeUp {
+            node: deaf,
+            info: i,
+        },
+    );
+    c.filter = Some(Box::new(move |_, _, to, m| {
+        to == deaf && matches!(m, Message::Award(_))
+    }));
+    c.submit(w.clone());
+    c.run_for(5_000);
+    c.assert_exact(&w.id);
+    assert!(c.nodes[&deaf].running.is_empty());
+    assert!(
+        c.sched(deaf).reservations.is_empty(),
+        "its reservation expired"
+    );
+}
+
+#[test]
+fn a_lost_acceptance_does_not_start_twice() {
+    let mut c = uniform(5);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let seen: Rc<std::cell::RefCell<BTreeSet<u32>>> = Rc::default();
+    let s = seen.clone();
+    // The first report of every host is lost.
+    c.filter = Some(Box::new(move |_, from, _, m| {
+        matches!(m, Message::Report(_)) && s.borrow_mut().insert(from)
+    }));
+    c.submit(w.clone());
+    c.run_for(3_000);
+    c.assert_exact(&w.id);
+    for (node, _, _) in c.running(&w.id) {
+        assert_eq!(c.nodes[&node].starts, 1);
+    }
+}
+
+#[test]
+fn a_bidder_dying_after_winning_is_replaced() {
+    let mut c = uniform(6);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let coord = c.coordinator(&w.id);
+    c.submit(w.clone());
+    // It dies with the award in flight: the coordinator re-tenders at once.
+    let (t, _, winner) = step_until(&mut c, |m| matches!(m.3, Message::Award(_)) && m.2 != coord);
+    c.kill(winner);
+    c.run_for(1_000);
+    c.assert_exact(&w.id);
+    assert!(
+        c.now - t < w.reschedule_after,
+        "no need to wait reschedule_after for an unaccepted award"
+    );
+    // Another dies after it accepted and started: replaced after reschedule_after.
+    let host = c
+        .running(&w.id)
+        .into_iter()
+        .map(|r| r.0)
+        .find(|&h| h != coord)
+        .unwrap();
+    c.kill(host);
+    c.run_for(1_000);
+    assert_eq!(c.running(&w.id).len(), 2);
+    c.run_for(w.reschedule_after);
+    c.assert_exact(&w.id);
+}
+
+#[test]
+fn the_coordinator_dying_between_award_and_acceptance_loses_nothing() {
+    let mut c = uniform(6);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let coord = c.coordinator(&w.id);
+    c.submit(w.clone());
+    step_until(&mut c, |m| matches!(m.3, Message::Award(_)));
+    c.kill(coord);
+    c.run_for(3_000);
+    c.assert_exact(&w.id);
+    let next = c.coordinator(&w.id);
+    let st = c.sched(next).status(&w.id);
+    assert_eq!((st.placed, st.running), (3, 3), "{st:?}");
+}
+
+#[test]
+fn a_stale_revoke_does_not_stop_a_newer_claim() {
+    let mut s = Scheduler::new(1u32, test_config());
+    s.handle(
+        Input::NodeUp {
+            node: 1,
+            info: info(1000, 1000, &[]),
+        },
+        0,
+    );
+    let w = spec("w", 1, Spread::Node);
+    let out = s.handle(
+        Input::Message {
+            from: 2,
+            msg: Message::Award(Award {
+                round: 1,
+                spec: w.clone().into(),
+                slots: vec![SlotAward { index: 0, epoch: 5 }],
+            }),
+        },
+        10,
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Start { .. })));
+    let revoke = |epoch| Input::Message {
+        from: 2,
+        msg: Message::Revoke(Revoke {
+            workload: w.id.clone(),
+            index: 0,
+            generation: 1,
+            epoch,
+            reason: RevokeReason::Conflict,
+        }),
+    };
+    let out = s.handle(revoke(4), 20);
+    assert!(!out.iter().any(|o| matches!(o, Output::Stop { .. })));
+    let out = s.handle(revoke(5), 30);
+    assert!(out.iter().any(|o| matches!(o, Output::Stop { .. })));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Persist(p) if p.assignments.is_empty()))
+    );
+}
+
+fn rollout(max_unavailable: u32) -> u32 {
+    let mut c = uniform(5);
+    settle(&mut c);
+    let mut w = spec("w", 4, Spread::Node);
+    w.max_unavailable = max_unavailable;
+    c.submit(w.clone());
+    c.run_for(2_000);
+    c.assert_exact(&w.id);
+    let mut g2 = w.clone();
+    g2.generation = 2;
+    g2.content = Digest([2; 32]);
+    c.submit(g2.clone());
+    let mut worst = 0;
+    for _ in 0..500 {
+        c.run_for(10);
+        let unavailable = c
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .flat_map(|n| n.sched.local_replicas())
+            .filter(|(id, st)| id.workload == w.id && *st != ReplicaState::Running)
+            .count() as u32;
+        let running = c.running(&w.id).len() as u32;
+        worst = worst.max(unavailable + 4u32.saturating_sub(running));
+    }
+    c.assert_exact(&g2.id);
+    worst
+}
+
+#[test]
+fn a_new_generation_rolls_out_max_unavailable_at_a_time() {
+    assert_eq!(rollout(1), 1);
+    assert_eq!(rollout(2), 2);
+}
+
+#[test]
+fn scaling_down_revokes_the_highest_indexes() {
+    let mut c = uniform(5);
+    settle(&mut c);
+    let w = spec("w", 4, Spread::Node);
+    c.submit(w.clone());
+    c.run_for(2_000);
+    let mut g2 = w.clone();
+    g2.generation = 2;
+    g2.replicas = 2;
+    c.submit(g2.clone());
+    c.run_for(5_000);
+    c.assert_exact(&g2.id);
+    let idx: BTreeSet<u32> = c.running(&w.id).into_iter().map(|r| r.1).collect();
+    assert_eq!(idx, [0, 1].into());
+}
+
+#[test]
+fn a_replica_failing_everywhere_it_starts_is_restarted_then_given_back() {
+    let cfg = SchedulerConfig {
+        max_restarts: 2,
+        restart_min: 100,
+        restart_max: 400,
+        ..test_config()
+    };
+    let mut c = Cluster::new(
+        3,
+        |i| {
+            if i == 0 {
+                info(8000, 8000, &[])
+            } else {
+                info(1000, 1000, &[])
+            }
+        },
+        cfg,
+    );
+    c.nodes.get_mut(&0).unwrap().broken = true;
+    settle(&mut c);
+    let w = spec("w", 1, Spread::Node);
+    c.submit(w.clone());
+    c.run_for(5_000);
+    // It went to the roomiest node first, failed there three times, and moved.
+    assert_eq!(c.nodes[&0].starts, 3);
+    c.assert_exact(&w.id);
+    assert!(c.nodes[&0].running.is_empty());
+}

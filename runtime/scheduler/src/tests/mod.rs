@@ -1,0 +1,6 @@
+//! Multi-node tests: several schedulers driven through a deterministic in-test router.
+
+mod harness;
+mod interleavings;
+mod properties;
+mod proptests;
