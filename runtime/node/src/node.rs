@@ -177,10 +177,15 @@ impl Shared {
                 // With no peers yet, anti-entropy delivers it when they come.
                 tracing::debug!("publishing {}: {e}", entry.manifest.id());
             }
+            // Kademlia replication can take a query timeout; the API does not wait for it.
             let key = record_key(&entry.manifest.namespace, &entry.manifest.name);
-            if let Err(e) = self.mesh.put_record(key, bytes).await {
-                tracing::debug!("storing the record of {}: {e}", entry.manifest.id());
-            }
+            let mesh = self.mesh.clone();
+            let id = entry.manifest.id();
+            tokio::spawn(async move {
+                if let Err(e) = mesh.put_record(key, bytes).await {
+                    tracing::debug!("storing the record of {id}: {e}");
+                }
+            });
         }
         Ok((outcome, entry))
     }
