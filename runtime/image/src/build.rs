@@ -4,7 +4,8 @@
 //! 1. packages: `mmdebstrap` makes a root file system tarball from the spec's packages (or
 //!    the lock's exact versions); the tarball is cached by everything that determines it;
 //! 2. customize: the beemesh binary, the baked host config, the `beemesh` user, systemd units,
-//!    the factory copy of /var (the real /var is the data partition);
+//!    the packages' /var kept read-only at /usr/share/factory/var (the real /var is the
+//!    data partition, filled by systemd-tmpfiles at boot);
 //! 3. root: `mkfs.erofs` (fixed timestamp and UUID);
 //! 4. ESP: `mkfs.fat` + `mcopy`: systemd-boot, the kernel, the initramfs, one boot entry;
 //! 5. config: an empty `BEEMESH` FAT partition for `beemesh image configure`;

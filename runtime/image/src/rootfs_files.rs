@@ -66,4 +66,47 @@ pub const FILES: &[(&str, &[u8], u32)] = &[
         include_bytes!("../rootfs/usr/lib/tmpfiles.d/beemesh.conf"),
         0o644,
     ),
+    (
+        "/usr/lib/systemd/user/podman.service.d/beemesh.conf",
+        include_bytes!("../rootfs/usr/lib/systemd/user/podman.service.d/beemesh.conf"),
+        0o644,
+    ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// Every file under rootfs/ is embedded, with its executable bit.
+    #[test]
+    fn every_rootfs_file_is_listed() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("rootfs");
+        let mut stack = vec![base.clone()];
+        let mut found = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).expect("read rootfs").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = format!("/{}", p.strip_prefix(&base).expect("prefix").display());
+                    let exec = p.metadata().expect("stat").permissions().mode() & 0o111 != 0;
+                    found.push((rel, exec));
+                }
+            }
+        }
+        for (rel, exec) in &found {
+            let entry = super::FILES.iter().find(|(path, _, _)| path == rel);
+            let Some((_, _, mode)) = entry else {
+                panic!("{rel} is in rootfs/ but not in FILES");
+            };
+            assert_eq!(*mode & 0o111 != 0, *exec, "{rel}: mode {mode:o}");
+        }
+        assert_eq!(
+            found.len(),
+            super::FILES.len(),
+            "FILES lists a file rootfs/ lacks"
+        );
+    }
+}

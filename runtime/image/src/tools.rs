@@ -79,7 +79,7 @@ pub fn check_tools(tools: &[(&str, &str)]) -> Result<(), ToolError> {
 }
 
 pub fn check_root(what: &str) -> Result<(), ToolError> {
-    // SAFETY-free check: the effective uid of this process as the kernel reports it.
+    // The effective uid, as the kernel reports it (no libc call needed).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
         .lines()

@@ -14,8 +14,8 @@ use crate::config::backoff;
 use crate::hash::{SplitMix, mix, tiebreak};
 use crate::members::node_ring;
 use crate::message::{
-    Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica, Revoke,
-    RevokeReason, SlotAward, Tender,
+    Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica,
+    ReportedWorkload, Revoke, RevokeReason, SlotAward, Tender,
 };
 use crate::scheduler::{PlacementView, Scheduler, Timer, WorkloadStatus, workload_ring};
 use crate::score;
@@ -27,6 +27,9 @@ use crate::types::{
 const MAX_AVOID: usize = 16;
 /// Most reports kept for workloads this node may soon coordinate.
 const MAX_EARLY_REPORTS: usize = 4096;
+/// A report numbered below the last one applied from its host, arriving within this long of
+/// it, was overtaken on the way; later, a lower number means the host restarted.
+const REORDER_WINDOW: Millis = 5_000;
 
 #[derive(Debug)]
 pub(crate) struct Coord<I> {
@@ -48,6 +51,8 @@ pub(crate) struct Coord<I> {
     /// Could not be placed for lack of free capacity: retried with backoff.
     pub shortfall: Option<String>,
     pub wake: Option<Millis>,
+    /// The last report applied from each host: its sequence number and when.
+    pub last_report: BTreeMap<I, (u64, Millis)>,
 }
 
 #[derive(Debug)]
@@ -149,6 +154,7 @@ impl<I: NodeKey> Coord<I> {
             parked: None,
             shortfall: None,
             wake: None,
+            last_report: BTreeMap::new(),
         }
     }
 
@@ -266,17 +272,20 @@ impl<I: NodeKey> Scheduler<I> {
         if let Some(early) = self.early_reports.remove(&w) {
             self.early_count -= early.len();
             let fresh_enough = now.saturating_sub(self.config.report_interval);
-            for (from, at, rw) in early {
+            for (from, at, seq, groups) in early {
                 if at < fresh_enough || !self.members.is_live(&from) {
                     continue;
                 }
-                let reported = rw.spec;
-                if reported.generation > self.coords.get(&w).map_or(0, |c| c.spec.generation) {
-                    self.update_spec(&w, reported.clone(), now);
+                let newest = groups
+                    .iter()
+                    .map(|g| g.spec.clone())
+                    .max_by_key(|s| s.generation);
+                if let Some(spec) = newest
+                    && spec.generation > self.coords.get(&w).map_or(0, |c| c.spec.generation)
+                {
+                    self.update_spec(&w, spec, now);
                 }
-                for rr in rw.replicas {
-                    self.observe(&w, &from, reported.generation, rr, now);
-                }
+                self.apply_report(&w, &from, seq, groups, now);
             }
         }
         self.drive(&w, now);
@@ -683,7 +692,8 @@ impl<I: NodeKey> Scheduler<I> {
         };
         let mut cands: Vec<I> = Vec::with_capacity(size);
         // Half the sample among nodes carrying a preferred label, so a rare preference is
-        // still found; the other half among all eligible nodes.
+        // still found (best effort: no scan); the rest among all eligible nodes, drawn from
+        // the rarest selector label, with a scan of that pool when sampling finds too few.
         if !spec.prefer.is_empty()
             && let Some((pool, n)) = self.members.rarest(spec.prefer.iter())
             && n > 0
@@ -693,6 +703,7 @@ impl<I: NodeKey> Scheduler<I> {
                 &mut rng,
                 half,
                 Some(&pool),
+                false,
                 |id, info| eligible(id, info) && spec.preferred(&info.labels) > 0,
                 &mut cands,
             );
@@ -700,7 +711,7 @@ impl<I: NodeKey> Scheduler<I> {
         let pool = self.members.rarest(spec.selector.iter()).map(|p| p.0);
         let rest = size.saturating_sub(cands.len());
         self.members
-            .sample(&mut rng, rest, pool.as_ref(), eligible, &mut cands);
+            .sample(&mut rng, rest, pool.as_ref(), true, eligible, &mut cands);
         if cands.is_empty() {
             self.no_room(c, indexes.len(), true, String::new(), now);
             return;
@@ -867,6 +878,9 @@ impl<I: NodeKey> Scheduler<I> {
             c.failed_rounds = 0;
             c.shortfall = None;
             c.retry_at = now;
+        } else if placed > 0 {
+            // Progress: go on with the rest at once (the next sample excludes the winners).
+            c.retry_at = now;
         } else {
             self.no_room(c, unfilled, t.exhaustive, answers_summary(&t), now);
         }
@@ -894,6 +908,10 @@ impl<I: NodeKey> Scheduler<I> {
                 c.shortfall = None;
             }
             Ok(n) => {
+                // Nodes that refused a slot before get another chance after the backoff.
+                for s in c.slots.values_mut() {
+                    s.avoid.clear();
+                }
                 c.shortfall = Some(format!(
                     "{unfilled} of {} replicas not placed: no room for {} per replica among {n} eligible nodes{answers}; retrying",
                     c.spec.wanted(),
@@ -1007,40 +1025,52 @@ impl<I: NodeKey> Scheduler<I> {
 
     /// A host's report: adopt, update or revoke each claim.
     pub(crate) fn on_report(&mut self, from: &I, r: Report, now: Millis) {
+        // Per workload, the report lists every replica the host holds (by generation).
+        let mut by_workload: BTreeMap<WorkloadId, Vec<ReportedWorkload>> = BTreeMap::new();
         for rw in r.workloads {
-            let w = rw.spec.id.clone();
+            by_workload.entry(rw.spec.id.clone()).or_default().push(rw);
+        }
+        for (w, groups) in by_workload {
             if self.coordinator(&w).is_none_or(|c| c != self.local) {
-                // The host's view differs from ours. If we are next in line, its failure
-                // detector probably fired before ours: keep the report for when we take over.
-                // Otherwise its periodic report finds the right coordinator.
-                if self.status_sources(&w, 3).contains(&self.local)
-                    && self.early_count < MAX_EARLY_REPORTS
-                {
+                // The host's view differs from ours: most likely its failure detector fired
+                // before ours and we are about to take over. Keep the report (bounded, for
+                // one report interval) and replay it then; if we never take over, it expires
+                // and the host's periodic report finds the right coordinator.
+                if self.early_count < MAX_EARLY_REPORTS {
                     self.early_count += 1;
-                    self.early_reports
-                        .entry(w)
-                        .or_default()
-                        .push((from.clone(), now, rw));
+                    self.early_reports.entry(w).or_default().push((
+                        from.clone(),
+                        now,
+                        r.seq,
+                        groups,
+                    ));
                 }
                 continue;
             }
-            let reported = rw.spec;
-            let desired = self.desired.get(&w).cloned();
-            let newest = match &desired {
+            let Some(reported) = groups
+                .iter()
+                .map(|g| g.spec.clone())
+                .max_by_key(|s| s.generation)
+            else {
+                continue;
+            };
+            let newest = match self.desired.get(&w) {
                 Some(d) if d.generation >= reported.generation => d.clone(),
-                _ => reported.clone(),
+                _ => reported,
             };
             if !self.coords.contains_key(&w) {
                 if newest.deleted {
-                    for rr in &rw.replicas {
-                        let msg = revoke(
-                            &w,
-                            rr.index,
-                            reported.generation,
-                            rr.epoch,
-                            RevokeReason::NotWanted,
-                        );
-                        self.send(from, msg);
+                    for g in &groups {
+                        for rr in &g.replicas {
+                            let msg = revoke(
+                                &w,
+                                rr.index,
+                                g.spec.generation,
+                                rr.epoch,
+                                RevokeReason::NotWanted,
+                            );
+                            self.send(from, msg);
+                        }
                     }
                     continue;
                 }
@@ -1052,10 +1082,54 @@ impl<I: NodeKey> Scheduler<I> {
             {
                 self.update_spec(&w, newest, now);
             }
-            for rr in rw.replicas {
-                self.observe(&w, from, reported.generation, rr, now);
-            }
+            self.apply_report(&w, from, r.seq, groups, now);
             self.drive(&w, now);
+        }
+    }
+
+    /// Applies one host's complete list of its replicas of `w`: its claims, and, unless the
+    /// report was overtaken by a newer one from the same host, the end of the claims it no
+    /// longer lists.
+    pub(crate) fn apply_report(
+        &mut self,
+        w: &WorkloadId,
+        from: &I,
+        seq: u64,
+        groups: Vec<ReportedWorkload>,
+        now: Millis,
+    ) {
+        let Some(c) = self.coords.get_mut(w) else {
+            return;
+        };
+        let current = match c.last_report.get(from) {
+            None => true,
+            // A lower number long after the last report: the host restarted.
+            Some(&(last, at)) => seq >= last || now >= at.saturating_add(REORDER_WINDOW),
+        };
+        if current {
+            c.last_report.insert(from.clone(), (seq, now));
+            let listed: BTreeSet<ReplicaIndex> = groups
+                .iter()
+                .flat_map(|g| g.replicas.iter())
+                .filter(|r| !r.relinquish)
+                .map(|r| r.index)
+                .collect();
+            for (index, s) in c.slots.iter_mut() {
+                if s.holder
+                    .as_ref()
+                    .is_some_and(|h| &h.node == from && !listed.contains(index))
+                {
+                    s.holder = None;
+                    s.down_since = None;
+                    s.upgrading = false;
+                    c.parked = None;
+                }
+            }
+        }
+        for g in groups {
+            for rr in g.replicas {
+                self.observe(w, from, g.spec.generation, rr, now);
+            }
         }
     }
 
@@ -1066,7 +1140,7 @@ impl<I: NodeKey> Scheduler<I> {
         from: &I,
         generation: u64,
         r: ReportedReplica,
-        now: Millis,
+        _now: Millis,
     ) {
         let Some(c) = self.coords.get_mut(w) else {
             return;
@@ -1150,7 +1224,6 @@ impl<I: NodeKey> Scheduler<I> {
                 s.avoid.clear();
             }
         }
-        let _ = now;
         for (to, msg) in outbox {
             self.send(&to, msg);
         }

@@ -143,7 +143,7 @@ impl<I: NodeKey> Scheduler<I> {
         self.send(from, Message::Bid(bid));
     }
 
-    pub(crate) fn on_award(&mut self, from: &I, a: Award, now: Millis) {
+    pub(crate) fn on_award(&mut self, from: &I, a: Award, _now: Millis) {
         let spec = a.spec;
         let w = spec.id.clone();
         if spec.deleted || a.slots.is_empty() {
@@ -264,12 +264,11 @@ impl<I: NodeKey> Scheduler<I> {
                 }),
             );
         }
-        let _ = now;
     }
 
     /// Stops a claim that lost, only if it is exactly the claim named (a stale revoke never
     /// stops a newer award).
-    pub(crate) fn on_revoke(&mut self, _from: &I, r: &Revoke) {
+    pub(crate) fn on_revoke(&mut self, from: &I, r: &Revoke) {
         let Some(slots) = self.held.get_mut(&r.workload) else {
             return;
         };
@@ -290,6 +289,21 @@ impl<I: NodeKey> Scheduler<I> {
                 replica: h.spec.replica(r.index).id,
             });
             self.persist_dirty = true;
+            // Tell the coordinator of our view what is left (the revoke may have come from
+            // another one).
+            let mut workloads = self.reported(&r.workload);
+            if workloads.is_empty() {
+                workloads.push(ReportedWorkload {
+                    spec: h.spec.clone(),
+                    replicas: Vec::new(),
+                });
+            }
+            if let Some(to) = self.coordinator(&r.workload)
+                && &to != from
+            {
+                let seq = self.next_report_seq();
+                self.send(&to, Message::Report(Report { seq, workloads }));
+            }
         }
     }
 
@@ -358,19 +372,26 @@ impl<I: NodeKey> Scheduler<I> {
             replica: id.clone(),
         });
         self.persist_dirty = true;
-        let report = Report {
-            workloads: vec![ReportedWorkload {
-                spec: h.spec.clone(),
-                replicas: vec![ReportedReplica {
-                    index: id.index,
-                    epoch: h.epoch,
-                    state: ReplicaState::Failed,
-                    relinquish: true,
-                }],
-            }],
+        let mut workloads = self.reported(&id.workload);
+        let given_back = ReportedReplica {
+            index: id.index,
+            epoch: h.epoch,
+            state: ReplicaState::Failed,
+            relinquish: true,
         };
+        match workloads
+            .iter_mut()
+            .find(|rw| rw.spec.generation == h.spec.generation)
+        {
+            Some(rw) => rw.replicas.push(given_back),
+            None => workloads.push(ReportedWorkload {
+                spec: h.spec.clone(),
+                replicas: vec![given_back],
+            }),
+        }
         if let Some(to) = self.coordinator(&id.workload) {
-            self.send(&to, Message::Report(report));
+            let seq = self.next_report_seq();
+            self.send(&to, Message::Report(Report { seq, workloads }));
         }
     }
 
@@ -385,6 +406,11 @@ impl<I: NodeKey> Scheduler<I> {
         h.state = ReplicaState::Starting;
         let replica = h.spec.replica(index);
         self.out.push(Output::Start { replica });
+    }
+
+    pub(crate) fn next_report_seq(&mut self) -> u64 {
+        self.report_seq += 1;
+        self.report_seq
     }
 
     /// What this node holds of one workload, as report entries (one per generation held).
@@ -417,11 +443,13 @@ impl<I: NodeKey> Scheduler<I> {
             return;
         }
         let target = self.coordinator(w);
+        let seq = self.next_report_seq();
         if let Some(t) = &target {
             self.report_target.insert(w.clone(), t.clone());
             self.send(
                 t,
                 Message::Report(Report {
+                    seq,
                     workloads: workloads.clone(),
                 }),
             );
@@ -429,7 +457,7 @@ impl<I: NodeKey> Scheduler<I> {
         if let Some(a) = also
             && target.as_ref() != Some(a)
         {
-            self.send(a, Message::Report(Report { workloads }));
+            self.send(a, Message::Report(Report { seq, workloads }));
         }
     }
 
@@ -447,7 +475,8 @@ impl<I: NodeKey> Scheduler<I> {
             by_target.entry(t).or_default().extend(entries);
         }
         for (t, workloads) in by_target {
-            self.send(&t, Message::Report(Report { workloads }));
+            let seq = self.next_report_seq();
+            self.send(&t, Message::Report(Report { seq, workloads }));
         }
     }
 
@@ -469,21 +498,44 @@ impl<I: NodeKey> Scheduler<I> {
         }
         self.report_target.retain(|w, _| self.held.contains_key(w));
         if !changed.is_empty() {
-            self.rereport.extend(changed.iter().cloned());
-            if self.rereport_at.is_none() {
-                let at = now + (self.config.takeover_grace / 2).max(1);
-                self.rereport_at = Some(at);
-                self.arm(at, Timer::Rereport);
+            for w in &changed {
+                self.rereport.insert(w.clone(), 2);
             }
+            self.arm_rereport(now + (self.config.takeover_grace / 2).max(1));
             self.send_reports(changed);
         }
     }
 
-    pub(crate) fn rereport_due(&mut self) {
-        let ws: Vec<WorkloadId> = std::mem::take(&mut self.rereport)
-            .into_iter()
-            .filter(|w| self.held.contains_key(w))
-            .collect();
+    fn arm_rereport(&mut self, at: Millis) {
+        match self.rereport_at {
+            Some(t) if t <= at => {}
+            other => {
+                if let Some(t) = other {
+                    self.disarm(t, Timer::Rereport);
+                }
+                self.rereport_at = Some(at);
+                self.arm(at, Timer::Rereport);
+            }
+        }
+    }
+
+    pub(crate) fn rereport_due(&mut self, now: Millis) {
+        let mut ws = Vec::new();
+        let mut again = false;
+        let pending = std::mem::take(&mut self.rereport);
+        for (w, left) in pending {
+            if !self.held.contains_key(&w) {
+                continue;
+            }
+            ws.push(w.clone());
+            if left > 1 {
+                self.rereport.insert(w, left - 1);
+                again = true;
+            }
+        }
+        if again {
+            self.arm_rereport(now + self.config.takeover_grace.saturating_mul(3) / 2);
+        }
         self.send_reports(ws);
     }
 
@@ -518,7 +570,7 @@ impl<I: NodeKey> Scheduler<I> {
         }
     }
 
-    pub(crate) fn restore_assignments(&mut self, saved: LocalAssignments, now: Millis) {
+    pub(crate) fn restore_assignments(&mut self, saved: LocalAssignments, _now: Millis) {
         let mut touched: Vec<WorkloadId> = Vec::new();
         for a in saved.assignments {
             if a.spec.deleted
@@ -537,6 +589,9 @@ impl<I: NodeKey> Scheduler<I> {
                 continue;
             }
             let spec = a.spec;
+            let Some(slots) = self.held.get_mut(&w) else {
+                continue;
+            };
             slots.insert(
                 a.index,
                 Held {
@@ -553,7 +608,6 @@ impl<I: NodeKey> Scheduler<I> {
             touched.push(w);
         }
         touched.dedup();
-        let _ = now;
         self.send_reports(touched);
     }
 }

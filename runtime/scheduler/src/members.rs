@@ -335,14 +335,16 @@ impl<I: NodeKey> Membership<I> {
 
     /// Up to `want` distinct live nodes accepted by `accept`, drawn pseudo-randomly from `rng`.
     /// With `pool` (a label key and value), draws only among nodes of the table carrying that
-    /// label (plus the view's own additions). Probes a bounded number of times; when that
-    /// finds too few, scans every live node and keeps the `want` with the smallest
-    /// pseudo-random weights, so a sparse eligible set is still found.
+    /// label (plus the view's own additions); `accept` must then require that label. Probes a
+    /// bounded number of times; when that finds too few and `exhaustive` is set, scans the
+    /// pool (or every live node) and keeps the `want` with the smallest pseudo-random weights,
+    /// so a sparse eligible set is still found.
     pub fn sample(
         &self,
         rng: &mut SplitMix,
         want: usize,
         pool: Option<&(String, String)>,
+        exhaustive: bool,
         mut accept: impl FnMut(&I, &NodeInfo) -> bool,
         out: &mut Vec<I>,
     ) {
@@ -358,7 +360,7 @@ impl<I: NodeKey> Membership<I> {
         if population == 0 {
             return;
         }
-        let probes = want * 8 + 16;
+        let probes = want * 16 + 32;
         for _ in 0..probes {
             if out.len() - start >= want {
                 return;
@@ -366,10 +368,10 @@ impl<I: NodeKey> Membership<I> {
             let r = rng.below(population);
             let cand = if r < base_n {
                 let p = positions.map_or(r, |v| v[r] as usize);
-                self.base_live(p)
+                self.base_live(p).map(|(id, info)| (id, &**info))
             } else {
                 let id = &self.extra[r - base_n].1;
-                self.info(id).map(|info| (id, info))
+                self.info(id).map(|info| (id, &**info))
             };
             if let Some((id, info)) = cand
                 && !out.contains(id)
@@ -378,13 +380,40 @@ impl<I: NodeKey> Membership<I> {
                 out.push(id.clone());
             }
         }
-        // Sparse: fall back to a full scan, ordered by a pseudo-random weight.
+        if !exhaustive {
+            return;
+        }
+        // Sparse: scan the pool, ordered by a pseudo-random weight.
         let seed = rng.next_u64();
-        let mut all: Vec<(u64, &I)> = self
-            .live_nodes()
-            .filter(|(_, id, info)| !out.contains(id) && accept(id, info))
-            .map(|(ring, id, _)| (mix(seed, ring), id))
-            .collect();
+        let mut all: Vec<(u64, &I)> = Vec::new();
+        match positions {
+            Some(v) => {
+                for &p in v {
+                    let p = p as usize;
+                    if let Some((id, info)) = self.base_live(p)
+                        && !out.contains(id)
+                        && accept(id, info)
+                    {
+                        all.push((mix(seed, self.base.entries[p].ring), id));
+                    }
+                }
+                for (ring, id) in &self.extra {
+                    if let Some(info) = self.info(id)
+                        && !out.contains(id)
+                        && accept(id, info)
+                    {
+                        all.push((mix(seed, *ring), id));
+                    }
+                }
+            }
+            None => {
+                for (ring, id, info) in self.live_nodes() {
+                    if !out.contains(id) && accept(id, info) {
+                        all.push((mix(seed, ring), id));
+                    }
+                }
+            }
+        }
         let need = want - (out.len() - start);
         if all.len() > need {
             all.select_nth_unstable_by(need, |a, b| a.cmp(b));
@@ -500,6 +529,7 @@ mod tests {
             &mut rng,
             20,
             None,
+            true,
             |_, i| i.labels["zone"] == "rare",
             &mut out,
         );
@@ -513,7 +543,14 @@ mod tests {
         let pool = m
             .rarest([(&"zone".to_owned(), &"rare".to_owned())].into_iter())
             .map(|p| p.0);
-        m.sample(&mut rng, 3, pool.as_ref(), |_, _| true, &mut out);
+        m.sample(
+            &mut rng,
+            3,
+            pool.as_ref(),
+            true,
+            |_, i| i.labels["zone"] == "rare",
+            &mut out,
+        );
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|i| i % 100 == 0));
     }

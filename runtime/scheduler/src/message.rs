@@ -144,6 +144,13 @@ pub struct Refuse {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// Increases with every report the host sends (from 1 at each start). A report numbered
+    /// below the last one a coordinator applied from that host, within a few seconds of it,
+    /// was overtaken on the way: its claims count but it frees nothing. 0: unknown.
+    #[serde(default)]
+    pub seq: u64,
+    /// For each workload listed, every replica the host holds of it (possibly none): an index
+    /// the coordinator believed held by this host and not listed is free again.
     pub workloads: Vec<ReportedWorkload>,
 }
 

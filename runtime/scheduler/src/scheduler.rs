@@ -142,6 +142,9 @@ pub struct Stats {
     pub unschedulable_checks: u64,
 }
 
+/// A report kept for later: (host, received at, its sequence number, its entries).
+pub(crate) type EarlyReport<I> = (I, Millis, u64, Vec<ReportedWorkload>);
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer<I> {
     Coord(WorkloadId),
@@ -170,12 +173,14 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) report_target: BTreeMap<WorkloadId, I>,
     /// Reports that reached this node before it saw itself as coordinator (its failure
     /// detector lagged the host's): replayed when it takes over.
-    pub(crate) early_reports: BTreeMap<WorkloadId, Vec<(I, Millis, ReportedWorkload)>>,
+    pub(crate) early_reports: BTreeMap<WorkloadId, Vec<EarlyReport<I>>>,
     pub(crate) early_count: usize,
-    /// Workloads whose coordinator changed: reported once more (a lost takeover report would
-    /// otherwise wait for the periodic one).
-    pub(crate) rereport: BTreeSet<WorkloadId>,
+    /// Workloads whose coordinator changed, with the repeats left: reported again at half
+    /// and at twice the takeover grace (a lost takeover report would otherwise wait for the
+    /// periodic one).
+    pub(crate) rereport: BTreeMap<WorkloadId, u8>,
     pub(crate) rereport_at: Option<Millis>,
+    pub(crate) report_seq: u64,
     pub(crate) reservations: BTreeMap<(I, WorkloadId, u64), Reservation>,
     pub(crate) timers: BTreeSet<(Millis, Timer<I>)>,
     pub(crate) started_at: Option<Millis>,
@@ -216,8 +221,9 @@ impl<I: NodeKey> Scheduler<I> {
             report_target: BTreeMap::new(),
             early_reports: BTreeMap::new(),
             early_count: 0,
-            rereport: BTreeSet::new(),
+            rereport: BTreeMap::new(),
             rereport_at: None,
+            report_seq: 0,
             reservations: BTreeMap::new(),
             timers: BTreeSet::new(),
             started_at: None,
@@ -341,7 +347,7 @@ impl<I: NodeKey> Scheduler<I> {
                 Timer::Restart(w, index) => self.restart_due(&w, index, now),
                 Timer::Rereport => {
                     self.rereport_at = None;
-                    self.rereport_due();
+                    self.rereport_due(now);
                 }
                 Timer::Report => {
                     self.prune_early_reports(now);

@@ -201,7 +201,12 @@ impl Resources {
 
 impl fmt::Display for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cpu {}, memory {}", Cpu(self.cpu), Memory(self.memory))
+        write!(
+            f,
+            "{} CPU and {} memory",
+            Cpu(self.cpu),
+            Memory(self.memory)
+        )
     }
 }
 

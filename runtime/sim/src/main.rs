@@ -13,10 +13,15 @@
 //!   one are its coordinator and the nodes that take over from it, so the simulator hands
 //!   each workload to the first three nodes of its ring (after a gossip delay of three
 //!   network hops) and does not spend memory on the 9,997 inert copies. Hosts carry the
-//!   placement spec in their reports, so a coordinator further down the ring learns it too.
+//!   placement spec in their reports, so a coordinator further down the ring learns it too;
+//!   when a failure also kills a workload's first three ring nodes, the simulator hands the
+//!   workload to its new coordinator, whose store would hold it.
+//!
+//! Debugging: `BEEMESH_SIM_TRACE=1` prints progress every 5 s of the failure phase with the
+//! first workloads not yet exact; `BEEMESH_SIM_WATCH=w123` prints every message, start, stop
+//! and coordinator view of workload `w123`.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -83,30 +88,6 @@ enum Ev {
     },
 }
 
-struct Item {
-    at: Millis,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Item {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Item {}
-impl PartialOrd for Item {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Item {
-    // BinaryHeap is a max-heap: the earliest event is the greatest.
-    fn cmp(&self, o: &Self) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// One running (or starting) replica instance, as the simulated drivers see it.
 #[derive(Clone, Copy)]
 struct Instance {
@@ -129,8 +110,8 @@ const KINDS: [&str; 8] = [
 
 struct Sim {
     now: Millis,
-    seq: u64,
-    queue: BinaryHeap<Item>,
+    /// Events by delivery time; first in, first out within one millisecond.
+    queue: BTreeMap<Millis, VecDeque<Ev>>,
     nodes: Vec<Scheduler<u32>>,
     alive: Vec<bool>,
     info: Vec<NodeInfo>,
@@ -140,6 +121,8 @@ struct Sim {
     inst: Vec<Vec<Instance>>,
     on_node: Vec<Vec<(u32, u32)>>,
     satisfied: Vec<bool>,
+    /// When each workload first ran exactly its replicas.
+    first_ok: Vec<Option<Millis>>,
     satisfied_count: usize,
     schedulable_count: usize,
     rng: StdRng,
@@ -171,12 +154,17 @@ fn workload_index(w: &WorkloadId) -> Option<usize> {
 
 impl Sim {
     fn push(&mut self, at: Millis, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Item {
-            at,
-            seq: self.seq,
-            ev,
-        });
+        self.queue.entry(at).or_default().push_back(ev);
+    }
+
+    fn pop(&mut self) -> Option<(Millis, Ev)> {
+        let mut first = self.queue.first_entry()?;
+        let at = *first.key();
+        let ev = first.get_mut().pop_front();
+        if first.get().is_empty() {
+            first.remove();
+        }
+        ev.map(|e| (at, e))
     }
 
     fn latency(&mut self) -> Millis {
@@ -323,6 +311,9 @@ impl Sim {
                 ok = nodes.len() == want;
             }
         }
+        if ok && self.first_ok[w].is_none() {
+            self.first_ok[w] = Some(self.now);
+        }
         if ok != self.satisfied[w] {
             self.satisfied[w] = ok;
             if self.schedulable[w] {
@@ -340,19 +331,28 @@ impl Sim {
     }
 
     fn step(&mut self) -> bool {
-        let Some(item) = self.queue.pop() else {
+        let Some((at, ev)) = self.pop() else {
             return false;
         };
-        self.now = self.now.max(item.at);
-        match item.ev {
+        self.now = self.now.max(at);
+        match ev {
             Ev::Msg { from, to, msg } => {
+                if let Some(wn) = &self.watch
+                    && mentions(&msg, wn)
+                {
+                    println!(
+                        "    [{}] deliver n{from} -> n{to}: {}",
+                        self.now,
+                        msg.kind()
+                    );
+                }
                 if self.alive[from as usize] && self.alive[to as usize] {
                     self.input(to, Input::Message { from, msg: *msg });
                 }
             }
             Ev::Timer { node } => {
                 let n = node as usize;
-                if self.wake[n] == item.at {
+                if self.wake[n] == at {
                     self.wake[n] = Millis::MAX;
                     self.input(node, Input::Tick);
                 }
@@ -392,8 +392,8 @@ impl Sim {
 
     /// Runs until `done` holds (checked after every event) or simulated time passes `until`.
     fn run_while(&mut self, until: Millis, mut done: impl FnMut(&Sim) -> bool) -> Option<Millis> {
-        while let Some(top) = self.queue.peek() {
-            if top.at > until {
+        while let Some((&at, _)) = self.queue.first_key_value() {
+            if at > until {
                 break;
             }
             self.step();
@@ -545,6 +545,20 @@ fn workload(rng: &mut StdRng, i: u32, total: u32) -> (WorkloadSpec, bool) {
     (s, schedulable)
 }
 
+/// CPU time this process has used (user + system), from /proc/self/stat, in seconds: the
+/// figure that survives a machine shared with other work. Assumes USER_HZ = 100 (Linux on
+/// x86 and arm64).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 fn pct(sorted: &[Millis], p: f64) -> Millis {
     if sorted.is_empty() {
         return 0;
@@ -581,8 +595,7 @@ fn run(args: &Args, n: u32) {
         .sum();
     let mut sim = Sim {
         now: 0,
-        seq: 0,
-        queue: BinaryHeap::new(),
+        queue: BTreeMap::new(),
         alive: vec![true; n as usize],
         wake: vec![Millis::MAX; n as usize],
         nodes,
@@ -590,6 +603,7 @@ fn run(args: &Args, n: u32) {
         inst: vec![Vec::new(); specs.len()],
         on_node: vec![Vec::new(); n as usize],
         satisfied: vec![false; specs.len()],
+        first_ok: vec![None; specs.len()],
         satisfied_count: 0,
         schedulable_count,
         specs,
@@ -637,8 +651,10 @@ fn run(args: &Args, n: u32) {
     let before = sim.counts;
     let handled_before = sim.handled;
     let wall = Instant::now();
+    let cpu = cpu_seconds();
     let converged = sim.run_while(submit + 600_000, Sim::converged);
     let place_wall = wall.elapsed();
+    let place_cpu = cpu_seconds() - cpu;
     let placed_msgs = sim.counts.sent - before.sent;
     let Some(t_conv) = converged else {
         println!(
@@ -649,8 +665,14 @@ fn run(args: &Args, n: u32) {
         return;
     };
     let conv = t_conv - submit;
-    // Latency per workload: from submission until its last replica ran. Not tracked per
-    // workload here; the tail is the convergence time.
+    let mut latencies: Vec<Millis> = sim
+        .first_ok
+        .iter()
+        .zip(&sim.schedulable)
+        .filter(|(_, ok)| **ok)
+        .filter_map(|(t, _)| t.map(|t| t - submit))
+        .collect();
+    latencies.sort_unstable();
     let secs = place_wall.as_secs_f64().max(1e-9);
     println!("placement of {total} workloads submitted together:");
     println!(
@@ -659,11 +681,25 @@ fn run(args: &Args, n: u32) {
         args.start_ms
     );
     println!(
+        "  per workload, submission to all its replicas running: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.9),
+        pct(&latencies, 0.99),
+        pct(&latencies, 1.0)
+    );
+    println!(
         "  wall clock                      {:>9.2} s  → {:.0} replicas/s, {:.0} workloads/s ({} scheduler inputs)",
         secs,
         replicas_total as f64 / secs,
         schedulable_count as f64 / secs,
         sim.handled - handled_before
+    );
+    let cpu_secs = place_cpu.max(0.01);
+    println!(
+        "  CPU time (one core)             {:>9.2} s  → {:.0} replicas/s, {:.0} workloads/s",
+        place_cpu,
+        replicas_total as f64 / cpu_secs,
+        schedulable_count as f64 / cpu_secs
     );
     println!(
         "  messages                        {:>9}  → {:.2} per replica, {:.2} per workload; {:.6} per node per replica",
@@ -711,16 +747,18 @@ fn run(args: &Args, n: u32) {
         }
     }
 
-    // Steady state: nothing moves for 20 s.
+    // Steady state: nothing moves for 40 s (one round of anti-entropy reports included).
     let steady_from = sim.counts;
     let tenders_before: u64 = sim.nodes.iter().map(|s| s.stats().tenders_opened).sum();
-    sim.run_while(t_conv + 20_000, |_| false);
+    sim.run_while(t_conv + 40_000, |_| false);
     let tenders_after: u64 = sim.nodes.iter().map(|s| s.stats().tenders_opened).sum();
+    let steady_msgs = sim.counts.sent - steady_from.sent;
     println!(
-        "steady 20 s: still exact: {}; {} messages (periodic reports), {} new tenders",
+        "steady 40 s: still exact: {}; {} new tenders; {} messages (anti-entropy reports: {:.3} per node per second)",
         sim.converged(),
-        sim.counts.sent - steady_from.sent,
-        tenders_after - tenders_before
+        tenders_after - tenders_before,
+        steady_msgs,
+        steady_msgs as f64 / f64::from(n) / 40.0
     );
 
     // Phase 2: kill a fraction of the nodes.
@@ -742,6 +780,31 @@ fn run(args: &Args, n: u32) {
                 .is_some_and(|c| victims.binary_search(&c).is_ok())
         })
         .count();
+    // Every node's store holds every manifest; the simulator gave each workload only to the
+    // first three nodes of its ring. Give it now to the node that coordinates it once the
+    // victims are gone, if that one is further down the ring (its store would have it).
+    let viewer = (0..n)
+        .find(|i| victims.binary_search(i).is_err())
+        .unwrap_or(0) as usize;
+    let mut late_feeds = 0;
+    for w in 0..sim.specs.len() {
+        let spec = sim.specs[w].clone();
+        let order = sim.nodes[viewer].status_sources(&spec.id, 64);
+        let Some(pos) = order.iter().position(|c| victims.binary_search(c).is_err()) else {
+            continue;
+        };
+        if pos >= 3 {
+            late_feeds += 1;
+            let at = sim.now;
+            sim.push(
+                at,
+                Ev::Desired {
+                    node: order[pos],
+                    spec,
+                },
+            );
+        }
+    }
     for &v in &victims {
         sim.kill(v);
     }
@@ -763,6 +826,7 @@ fn run(args: &Args, n: u32) {
     detect.sort_unstable();
     let before = sim.counts;
     let wall = Instant::now();
+    let cpu = cpu_seconds();
     let restored = if std::env::var_os("BEEMESH_SIM_TRACE").is_some() {
         let mut r = None;
         for k in 1..=120 {
@@ -784,7 +848,7 @@ fn run(args: &Args, n: u32) {
     };
     let kill_wall = wall.elapsed();
     println!(
-        "failure of {} nodes ({:.0} %) at once: {lost} replicas lost, and the coordinators of {coordinators_lost} workloads",
+        "failure of {} nodes ({:.0} %) at once: {lost} replicas lost, and the coordinators of {coordinators_lost} workloads (for {late_feeds} of these the first three ring nodes died too)",
         victims.len(),
         args.kill * 100.0
     );
@@ -798,8 +862,9 @@ fn run(args: &Args, n: u32) {
                 pct(&detect, 1.0) as f64 / 1000.0
             );
             println!(
-                "  wall clock {:.2} s (includes {} NodeDown inputs); messages {} → {:.2} per replica restored",
+                "  wall clock {:.2} s, CPU {:.2} s (includes {} NodeDown inputs); messages {} → {:.2} per replica restored",
                 kill_wall.as_secs_f64(),
+                cpu_seconds() - cpu,
                 victims.len() * (n as usize - victims.len()),
                 msgs,
                 msgs as f64 / lost.max(1) as f64

@@ -353,3 +353,55 @@ fn a_replica_failing_everywhere_it_starts_is_restarted_then_given_back() {
     c.assert_exact(&w.id);
     assert!(c.nodes[&0].running.is_empty());
 }
+
+#[test]
+fn an_overtaken_report_frees_nothing_but_a_restarted_hosts_report_does() {
+    use crate::message::{Report, ReportedReplica, ReportedWorkload};
+    use std::sync::Arc;
+    // Node 0 coordinates the workload; node 1 holds its three replicas.
+    let table = Arc::new(crate::MemberTable::new(
+        (0u32..3).map(|i| (i, info(1000, 1000, &[]))),
+    ));
+    let probe = Scheduler::with_members(0u32, test_config(), table.clone());
+    let name = (0..)
+        .map(|i| format!("w{i}"))
+        .find(|n| probe.coordinator(&crate::WorkloadId::new("default", n)) == Some(0))
+        .unwrap();
+    let w = spec(&name, 3, Spread::None);
+    let report = |seq, indexes: &[u32]| Input::Message {
+        from: 1,
+        msg: Message::Report(Report {
+            seq,
+            workloads: vec![ReportedWorkload {
+                spec: Arc::new(w.clone()),
+                replicas: indexes
+                    .iter()
+                    .map(|&index| ReportedReplica {
+                        index,
+                        epoch: 1,
+                        state: ReplicaState::Running,
+                        relinquish: false,
+                    })
+                    .collect(),
+            }],
+        }),
+    };
+    let held = |s: &Scheduler<u32>| {
+        s.placements(&w.id)
+            .into_iter()
+            .map(|p| p.1)
+            .collect::<BTreeSet<u32>>()
+    };
+    let mut s = Scheduler::with_members(0u32, test_config(), table);
+    s.handle(Input::Workload(w.clone()), 0);
+    s.handle(report(7, &[0, 1, 2]), 100);
+    // The host's previous report arrives late: slot 1 is not freed.
+    s.handle(report(6, &[0, 2]), 150);
+    assert_eq!(held(&s), [0, 1, 2].into());
+    // Its next report no longer lists slot 1: freed.
+    s.handle(report(8, &[0, 2]), 200);
+    assert_eq!(held(&s), [0, 2].into());
+    // The host restarted and numbers from 1 again: heard once the window has passed.
+    s.handle(report(1, &[0]), 10_000);
+    assert_eq!(held(&s), [0].into());
+}

@@ -478,6 +478,7 @@ fn p7_equal_claims_are_decided_by_rendezvous_hash_not_report_order() {
     let w = spec(&name, 1, Spread::Node);
     let report = |epoch| {
         Message::Report(Report {
+            seq: 0,
             workloads: vec![ReportedWorkload {
                 spec: w.clone().into(),
                 replicas: vec![ReportedReplica {
