@@ -16,6 +16,8 @@ use hyper_util::rt::TokioIo;
 pub const DEFAULT_API: &str = "/run/beemesh/api.sock";
 /// Largest API response the CLI reads.
 const MAX_RESPONSE: usize = 64 << 20;
+/// Longest line of a streamed answer.
+const MAX_LINE: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -76,12 +78,12 @@ impl Client {
             })?
     }
 
-    async fn send_inner(
+    fn request(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> anyhow::Result<(StatusCode, Bytes)> {
+    ) -> anyhow::Result<Request<Full<Bytes>>> {
         let host = match &self.endpoint {
             Endpoint::Unix(_) => "localhost".to_owned(),
             Endpoint::Tcp { authority } => authority.clone(),
@@ -96,13 +98,24 @@ impl Client {
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/toml");
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let connect_err = || {
-            format!(
-                "cannot reach the node API at {} (is `beemesh node` running? set --api or BEEMESH_API)",
-                self.describe()
-            )
-        };
+        Ok(req.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+    }
+
+    fn connect_err(&self) -> String {
+        format!(
+            "cannot reach the node API at {} (is `beemesh node` running? set --api or BEEMESH_API)",
+            self.describe()
+        )
+    }
+
+    async fn send_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let req = self.request(method, path, body)?;
+        let connect_err = || self.connect_err();
         let resp = match &self.endpoint {
             Endpoint::Unix(p) => {
                 let stream = tokio::net::UnixStream::connect(p)
@@ -129,6 +142,122 @@ impl Client {
     pub async fn post_json(&self, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
         let (status, body) = self.send(Method::POST, path, Some(body)).await?;
         decode(status, &body)
+    }
+
+    /// GETs a streamed answer and calls `each` with every line of its body as it arrives,
+    /// until the body ends or `each` returns `false`. A non-2xx status fails with the API's
+    /// error message. `idle` bounds the wait for each piece of the body (`None`: no bound, to
+    /// follow a stream).
+    pub async fn get_lines(
+        &self,
+        path: &str,
+        idle: Option<Duration>,
+        mut each: impl FnMut(&[u8]) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let req = self.request(Method::GET, path, None)?;
+        let open = async {
+            match &self.endpoint {
+                Endpoint::Unix(p) => {
+                    let stream = tokio::net::UnixStream::connect(p)
+                        .await
+                        .with_context(|| self.connect_err())?;
+                    open(stream, req).await
+                }
+                Endpoint::Tcp { authority } => {
+                    let stream = tokio::net::TcpStream::connect(authority.as_str())
+                        .await
+                        .with_context(|| self.connect_err())?;
+                    open(stream, req).await
+                }
+            }
+        };
+        let (resp, driver) = tokio::time::timeout(self.timeout, open)
+            .await
+            .with_context(|| {
+                format!(
+                    "node API at {} did not answer within {:?}",
+                    self.describe(),
+                    self.timeout
+                )
+            })??;
+        let _abort = AbortOnDrop(driver);
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = tokio::time::timeout(
+                self.timeout,
+                http_body_util::Limited::new(body, MAX_RESPONSE).collect(),
+            )
+            .await
+            .context("the node API did not finish its answer")?
+            .map_err(|e| anyhow::anyhow!("reading the API response: {e}"))?
+            .to_bytes();
+            decode(status, &bytes)?;
+            bail!("node API answered {status}");
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let frame = match idle {
+                Some(t) => tokio::time::timeout(t, body.frame())
+                    .await
+                    .with_context(|| format!("the node API sent nothing for {t:?}"))?,
+                None => body.frame().await,
+            };
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| anyhow::anyhow!("reading the API response: {e}"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if !each(&line[..i])? {
+                    return Ok(());
+                }
+            }
+            if pending.len() > MAX_LINE {
+                bail!("the node API sent a line longer than {MAX_LINE} bytes");
+            }
+        }
+        if !pending.is_empty() {
+            each(&pending)?;
+        }
+        Ok(())
+    }
+}
+
+/// Stops the connection task when the reader is done.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends a request and returns the response with its body still to be read, and the task that
+/// drives the connection.
+async fn open<S>(
+    stream: S,
+    req: Request<Full<Bytes>>,
+) -> anyhow::Result<(
+    hyper::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<()>,
+)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await;
+    match resp {
+        Ok(r) => Ok((r, driver)),
+        Err(e) => {
+            driver.abort();
+            Err(e.into())
+        }
     }
 }
 

@@ -10,10 +10,12 @@ mod dev;
 mod image;
 mod keys;
 mod kube;
+mod logs;
 mod output;
 mod remote;
 mod sign;
 mod ticket;
+mod wait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,11 +72,21 @@ enum Command {
     },
 
     /// Submit a signed manifest to the mesh through the node's API.
+    ///
+    /// With --wait, follow the placements until every replica of the applied generation runs
+    /// (progress on stderr, a summary on stdout); on timeout, exit 1 naming what is missing
+    /// and why replicas are unschedulable.
     Apply(remote::ApplyArgs),
 
     /// Delete a workload everywhere: signs and submits a tombstone (a higher generation with
     /// deleted = true).
     Delete(remote::DeleteArgs),
+
+    /// Show a replica's output, from whichever node runs it, through this node's API.
+    ///
+    /// Lines print as `container | text` (`-o json`: one JSON object per line). Without
+    /// --replica, the lowest replica that is running (else the lowest placed one).
+    Logs(logs::LogsArgs),
 
     /// Create and inspect Ed25519 keys (operator signing keys, admission keys).
     #[command(subcommand)]
@@ -166,6 +178,7 @@ fn main() -> ExitCode {
         Command::Get { kind } => client().and_then(|c| remote::get(&c, kind, out)),
         Command::Apply(a) => client().and_then(|c| remote::apply(&c, &a, out)),
         Command::Delete(a) => client().and_then(|c| remote::delete(&c, &a, out)),
+        Command::Logs(a) => client().and_then(|c| logs::logs(&c, &a, out)),
         Command::Key(KeyCommand::Gen { out: path }) => keys::gen_key(&path, out),
         Command::Key(KeyCommand::Show { file }) => keys::show_key(&file, out),
         Command::Sign(a) => sign::sign(&a, out),

@@ -1,4 +1,5 @@
-//! Commands that talk to a running node through its API: `status`, `get`, `apply`, `delete`.
+//! Commands that talk to a running node through its API: `status`, `get`, `apply`, `delete`
+//! (`beemesh logs` is in [`crate::logs`], `--wait` in [`crate::wait`]).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use serde_json::Value;
 
 use crate::client::Client;
 use crate::output::{self, Format};
+use crate::wait;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
@@ -24,6 +26,49 @@ pub struct ApplyArgs {
     /// A signed manifest (from `beemesh sign`); `-` reads standard input.
     #[arg(value_name = "SIGNED")]
     signed: PathBuf,
+
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until every replica of the applied generation runs (for a delete: until no
+    /// replica is left), showing progress on stderr.
+    #[arg(long)]
+    wait: bool,
+
+    /// How long --wait waits before failing with what is missing (e.g. 90s, 5m, 1h).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "5m",
+        requires = "wait",
+        value_parser = wait::parse_timeout
+    )]
+    timeout: std::time::Duration,
+}
+
+impl WaitArgs {
+    /// Waits for the workload of an apply answer when --wait was given; with text output,
+    /// a summary line on stdout (JSON output keeps stdout to the one answer document).
+    fn run(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        client: &Client,
+        answer: &Value,
+        format: Format,
+    ) -> anyhow::Result<()> {
+        if !self.wait {
+            return Ok(());
+        }
+        let goal = wait::Goal::from_answer(answer)?;
+        let progress = rt.block_on(wait::wait(client, &goal, self.timeout))?;
+        if format == Format::Text {
+            println!("{}", progress.summary(&goal));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -38,8 +83,11 @@ pub struct DeleteArgs {
 
     /// Write the signed tombstone here instead of submitting it (to collect more signatures
     /// when the mesh's threshold is above 1; then `beemesh apply` it).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "wait")]
     out: Option<PathBuf>,
+
+    #[command(flatten)]
+    wait: WaitArgs,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -156,9 +204,10 @@ pub fn get(client: &Client, kind: Kind, format: Format) -> anyhow::Result<()> {
 
 pub fn apply(client: &Client, a: &ApplyArgs, format: Format) -> anyhow::Result<()> {
     let text = input::read_file(&a.signed, MAX_SIGNED_BYTES, "a signed manifest")?;
-    let v = runtime()?.block_on(client.post_json("/v1/workloads", text.into_bytes()))?;
+    let rt = runtime()?;
+    let v = rt.block_on(client.post_json("/v1/workloads", text.into_bytes()))?;
     match format {
-        Format::Json => output::json(&v),
+        Format::Json => output::json(&v)?,
         Format::Text => {
             println!(
                 "{}/{} generation {} {} ({})",
@@ -168,9 +217,9 @@ pub fn apply(client: &Client, a: &ApplyArgs, format: Format) -> anyhow::Result<(
                 str_of(&v, "status"),
                 str_of(&v, "content_id")
             );
-            Ok(())
         }
     }
+    a.wait.run(&rt, client, &v, format)
 }
 
 pub fn delete(client: &Client, a: &DeleteArgs, format: Format) -> anyhow::Result<()> {
@@ -205,13 +254,13 @@ pub fn delete(client: &Client, a: &DeleteArgs, format: Format) -> anyhow::Result
     }
     let v = rt.block_on(client.post_json("/v1/workloads", text.into_bytes()))?;
     match format {
-        Format::Json => output::json(&v),
+        Format::Json => output::json(&v)?,
         Format::Text => {
             println!(
                 "{namespace}/{name} deleted (generation {})",
                 v["generation"]
             );
-            Ok(())
         }
     }
+    a.wait.run(&rt, client, &v, format)
 }

@@ -588,16 +588,12 @@ impl Drop for NodeProcess {
 #[test]
 fn remote_commands_against_a_running_node() {
     let dir = TempDir::new().expect("tempdir");
-    let (op, op_pub) = keygen(dir.path(), "op.key");
-    let (adm, adm_pub) = keygen(dir.path(), "adm.key");
-    let ticket = dir.path().join("ticket");
-    beemesh()
-        .args(["ticket", "issue", "--key"])
-        .arg(&adm)
-        .arg("--out")
-        .arg(&ticket)
-        .assert()
-        .success();
+    let TestMesh {
+        op,
+        op_pub,
+        adm_pub,
+        ticket,
+    } = test_mesh(dir.path());
     let sock = dir.path().join("api.sock");
     let host = dir.path().join("host.toml");
     fs::write(
@@ -806,4 +802,309 @@ fn dev_mesh_runs_the_printed_commands() {
         last.contains("default/hello"),
         "get workloads lists the example: {last}"
     );
+}
+
+#[test]
+fn logs_and_apply_wait_usage_errors_exit_2() {
+    beemesh()
+        .args(["logs", "--help"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("--follow")
+                .and(predicate::str::contains("--tail"))
+                .and(predicate::str::contains("--replica")),
+        );
+    beemesh()
+        .args(["apply", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--wait").and(predicate::str::contains("--timeout")));
+    beemesh().arg("logs").assert().code(2);
+    beemesh()
+        .args(["logs", "hello"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("expected NAMESPACE/NAME"));
+    beemesh()
+        .args(["logs", "Default/hello"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("namespace"));
+    beemesh()
+        .args(["logs", "default/hello", "--tail", "20000"])
+        .assert()
+        .code(2);
+    beemesh()
+        .args(["logs", "default/hello", "--replica", "-1"])
+        .assert()
+        .code(2);
+    // --timeout belongs to --wait, and must be a duration.
+    beemesh()
+        .args(["apply", "x.toml", "--timeout", "5m"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--wait"));
+    beemesh()
+        .args(["apply", "x.toml", "--wait", "--timeout", "soon"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("not a duration"));
+    beemesh()
+        .args(["apply", "x.toml", "--wait", "--timeout", "0s"])
+        .assert()
+        .code(2);
+    beemesh()
+        .args(["delete", "default/x", "--key", "k", "--out", "f", "--wait"])
+        .assert()
+        .code(2);
+    // No node: a clear error, exit 1.
+    let dir = TempDir::new().expect("tempdir");
+    beemesh()
+        .args(["logs", "default/hello", "--api"])
+        .arg(dir.path().join("nothing.sock"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot reach the node API"));
+}
+
+/// Keys and a fleet ticket for a test mesh.
+struct TestMesh {
+    op: PathBuf,
+    op_pub: String,
+    adm_pub: String,
+    ticket: PathBuf,
+}
+
+fn test_mesh(dir: &Path) -> TestMesh {
+    let (op, op_pub) = keygen(dir, "op.key");
+    let (adm, adm_pub) = keygen(dir, "adm.key");
+    let ticket = dir.join("ticket");
+    beemesh()
+        .args(["ticket", "issue", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(&ticket)
+        .assert()
+        .success();
+    TestMesh {
+        op,
+        op_pub,
+        adm_pub,
+        ticket,
+    }
+}
+
+/// Starts `beemesh node` (process driver) named `name` and waits until its API answers;
+/// returns the process and its API socket.
+fn start_node(
+    dir: &Path,
+    mesh: &TestMesh,
+    name: &str,
+    bootstrap: Option<&str>,
+) -> (NodeProcess, PathBuf) {
+    let root = dir.join(name);
+    fs::create_dir_all(&root).expect("node dir");
+    let sock = root.join("api.sock");
+    let host = root.join("host.toml");
+    fs::write(
+        &host,
+        format!(
+            "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+             bootstrap = [{}]\n\
+             [trust]\ndomain = \"example.org\"\nsigners = [\"{}\"]\nadmission = \"{}\"\nticket = \"{}\"\n\
+             [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"best-effort\"\n",
+            root.join("data").display(),
+            bootstrap.map(|b| format!("{b:?}")).unwrap_or_default(),
+            mesh.op_pub,
+            mesh.adm_pub,
+            mesh.ticket.display(),
+            sock.display()
+        ),
+    )
+    .expect("host.toml");
+    let log = fs::File::create(root.join("node.log")).expect("log");
+    let node = NodeProcess(
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
+            .args(["node", "--config"])
+            .arg(&host)
+            .stderr(log)
+            .spawn()
+            .expect("node starts"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node API never answered: {}",
+            fs::read_to_string(root.join("node.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (node, sock)
+}
+
+/// `beemesh status -o json` of the node at `sock`.
+fn status_of(sock: &Path) -> serde_json::Value {
+    let out = stdout_of(
+        beemesh()
+            .arg("--api")
+            .arg(sock)
+            .args(["status", "-o", "json"]),
+    );
+    serde_json::from_str(&out).expect("status JSON")
+}
+
+#[test]
+fn apply_wait_logs_and_delete_wait_against_a_running_node() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    let op = mesh.op.clone();
+    let (_one, sock) = start_node(dir.path(), &mesh, "one", None);
+    let status = status_of(&sock);
+    let boot = format!(
+        "{}/p2p/{}",
+        status["listen"][0].as_str().expect("a listen address"),
+        status["peer_id"].as_str().expect("a peer id")
+    );
+    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two nodes never saw each other"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let api = |c: &mut Command| {
+        c.arg("--api").arg(&sock);
+    };
+    let manifest = dir.path().join("talker.toml");
+    fs::write(
+        &manifest,
+        "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"talker\"\ngeneration = 1\n\
+         [[container]]\nname = \"main\"\nimage = \"none\"\n\
+         command = [\"sh\", \"-c\", \"echo hello-from-replica; echo second; exec sleep 3600\"]\n\
+         resources = { cpu = \"10m\", memory = \"16Mi\" }\n",
+    )
+    .expect("manifest");
+    let signed = dir.path().join("talker.signed.toml");
+    sign(&manifest, &op, &signed);
+
+    // --wait returns once the replica runs: progress on stderr, a summary on stdout.
+    let mut c = beemesh();
+    api(&mut c);
+    let out = c
+        .args(["apply", "--wait", "--timeout", "60s"])
+        .arg(&signed)
+        .output()
+        .expect("runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("default/talker generation 1 accepted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("default/talker generation 1: 1/1 running (one)")
+            || stdout.contains("default/talker generation 1: 1/1 running (two)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("talker: 1/1 placed, 1/1 running (one running)")
+            || stderr.contains("talker: 1/1 placed, 1/1 running (two running)"),
+        "{stderr}"
+    );
+
+    // The replica's output; its first lines are written as it starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut c = beemesh();
+        api(&mut c);
+        let out = c.args(["logs", "default/talker"]).output().expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("main | second") {
+            assert!(text.contains("main | hello-from-replica\n"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logs never showed the replica's lines: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = beemesh();
+    api(&mut c);
+    let json = stdout_of(c.args(["logs", "default/talker", "--tail", "1", "-o", "json"]));
+    let line: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON line");
+    assert_eq!(line["container"], "main");
+    assert_eq!(line["line"], "second");
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["logs", "default/talker", "--replica", "4"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("there is no replica 4"));
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["logs", "default/nobody"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no workload default/nobody"));
+
+    // A workload no node can take: --wait gives up after its timeout, naming what is missing.
+    let nowhere = dir.path().join("nowhere.toml");
+    fs::write(
+        &nowhere,
+        "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"nowhere\"\ngeneration = 1\n\
+         [placement]\nreplicas = 1\nselector = { zone = \"mars\" }\n\
+         [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n",
+    )
+    .expect("manifest");
+    let signed_nowhere = dir.path().join("nowhere.signed.toml");
+    sign(&nowhere, &op, &signed_nowhere);
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["apply", "--wait", "--timeout", "3s"])
+        .arg(&signed_nowhere)
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("timed out after 3s waiting for default/nowhere generation 1")
+                .and(predicate::str::contains(
+                    "0/1 running; missing: replica 0 not placed",
+                )),
+        );
+
+    // delete --wait returns once no replica is left.
+    let mut c = beemesh();
+    api(&mut c);
+    c.args([
+        "delete",
+        "default/talker",
+        "--wait",
+        "--timeout",
+        "60s",
+        "--key",
+    ])
+    .arg(&op)
+    .assert()
+    .success()
+    .stdout(predicate::str::contains("default/talker: no replica left"));
+    let mut c = beemesh();
+    api(&mut c);
+    c.args(["logs", "default/talker"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("was deleted"));
 }

@@ -51,8 +51,6 @@ const START: Duration = Duration::from_secs(20);
 const GOSSIP_REPLAY_WINDOW: Duration = Duration::from_secs(4);
 /// Lifetime of the ticket that is to be expired when its holder meets the mesh.
 const SHORT_TICKET: &str = "5s";
-/// Set to keep the rig's files (host configs, keys, node logs) also when the test passes.
-const KEEP_ENV: &str = "BEEMESH_TEST_KEEP";
 /// Admitted nodes started first; a sixth joins late (scenario 5).
 const FIRST_NODES: usize = 5;
 
@@ -145,17 +143,7 @@ struct Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
-        if (failed || std::env::var_os(KEEP_ENV).is_some())
-            && let Some(dir) = self.dir.take()
-        {
-            eprintln!(
-                "the test {} after {:.1?}; host configs, keys and node logs are kept in {}",
-                if failed { "failed" } else { "passed" },
-                self.started.elapsed(),
-                dir.keep().display()
-            );
-        }
+        netns::keep_files_on_failure(&mut self.dir, self.started);
     }
 }
 

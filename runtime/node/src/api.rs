@@ -7,6 +7,7 @@
 //! | `GET /v1/peers` | admitted peers that are up |
 //! | `GET /v1/workloads` | the desired state, with placements |
 //! | `GET /v1/workloads/{namespace}/{name}` | one workload, with its signed manifest |
+//! | `GET /v1/workloads/{namespace}/{name}/logs` | a replica's log lines, streamed, from whichever node runs it ([`crate::logs`]) |
 //! | `POST /v1/workloads` | a signed manifest: 202 with the content id, or 4xx with the reason |
 //! | `GET /metrics` | Prometheus text format |
 
@@ -41,6 +42,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/workloads", get(workloads).post(apply))
         .route("/v1/workloads/{namespace}/{name}", get(workload))
+        .route(
+            "/v1/workloads/{namespace}/{name}/logs",
+            get(crate::logs::http),
+        )
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_SIGNED_BYTES as usize + 1024))
         .with_state(shared)
@@ -97,7 +102,7 @@ async fn placements(s: &Shared, entries: &[(String, String)]) -> BTreeMap<Worklo
     let names = names(s).await;
     statuses
         .into_iter()
-        .map(|(id, st)| {
+        .map(|(id, (st, coordinator))| {
             let list: Vec<Value> = st
                 .placements
                 .iter()
@@ -116,6 +121,7 @@ async fn placements(s: &Shared, entries: &[(String, String)]) -> BTreeMap<Worklo
                 "placed": st.placed,
                 "running": st.running,
                 "unschedulable": st.unschedulable,
+                "coordinator": coordinator.map(|c| names.get(&c).cloned().unwrap_or(c)),
             });
             (id, v)
         })

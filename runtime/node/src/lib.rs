@@ -7,6 +7,7 @@
 pub mod api;
 pub mod capacity;
 pub mod logging;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod notify;

@@ -119,6 +119,8 @@ pub struct Shared {
     pub clock: fn() -> OffsetDateTime,
     pub placement: Placement,
     pub driver: Arc<dyn ContainerDriver>,
+    /// Log streams served from this node's replicas (`/beemesh/logs/1`).
+    pub logs: crate::logs::Logs,
     store: Arc<Mutex<DesiredStore>>,
 }
 
@@ -444,6 +446,7 @@ pub async fn start(
         clock: opts.clock,
         placement,
         driver,
+        logs: crate::logs::Logs::new(shutdown.clone()),
         store,
     });
 
@@ -576,6 +579,14 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                 let placement = shared.placement.clone();
                 tokio::spawn(async move {
                     match placement::answer_status(&placement, &data).await {
+                        Ok(bytes) => reply.respond(bytes),
+                        Err(e) => reply.refuse(e),
+                    }
+                });
+            } else if protocol == crate::logs::LOGS_PROTOCOL {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match crate::logs::answer(&shared, &data).await {
                         Ok(bytes) => reply.respond(bytes),
                         Err(e) => reply.refuse(e),
                     }

@@ -242,6 +242,16 @@ fn send(ctx: &Arc<Context>, to: Id, msg: Message) {
         tracing::warn!("scheduler addressed a message to {to:?}, which is not a peer id");
         return;
     };
+    match &msg {
+        Message::Tender(t) => tracing::debug!(
+            %peer,
+            workload = %t.spec.id,
+            round = t.round,
+            wanted = t.wanted,
+            "sending tender"
+        ),
+        other => tracing::debug!(%peer, kind = other.kind(), "sending scheduler message"),
+    }
     let Ok(bytes) = serde_json::to_vec(&msg) else {
         return;
     };
@@ -272,26 +282,28 @@ pub async fn answer_status(placement: &Placement, data: &[u8]) -> Result<Vec<u8>
     serde_json::to_vec(&StatusReply { statuses }).map_err(|e| e.to_string())
 }
 
-/// Each workload's placements: this node's view where it is authoritative, else the
-/// coordinator's (asked over the mesh, one query per coordinator), falling back to the local
+/// Each workload's placements and its coordinator in this node's view: this node's view where
+/// it is authoritative, else the coordinator's (asked over the mesh, one query per coordinator), falling back to the local
 /// view when the coordinator does not answer in time.
 pub async fn statuses(
     placement: &Placement,
     mesh: &MeshHandle,
     local: &str,
     workloads: Vec<WorkloadId>,
-) -> BTreeMap<WorkloadId, WorkloadStatus<Id>> {
+) -> BTreeMap<WorkloadId, (WorkloadStatus<Id>, Option<Id>)> {
     let mut out = BTreeMap::new();
     let mut ask: BTreeMap<Id, Vec<WorkloadId>> = BTreeMap::new();
     for (status, sources) in placement.status(workloads).await {
         let coordinator = sources.into_iter().next();
-        match coordinator {
+        match &coordinator {
             Some(c) if !status.authoritative && c != local => {
-                ask.entry(c).or_default().push(status.workload.clone());
+                ask.entry(c.clone())
+                    .or_default()
+                    .push(status.workload.clone());
             }
             _ => {}
         }
-        out.insert(status.workload.clone(), status);
+        out.insert(status.workload.clone(), (status, coordinator));
     }
     for (coordinator, list) in ask {
         let Ok(peer) = coordinator.parse::<PeerId>() else {
@@ -310,7 +322,7 @@ pub async fn statuses(
         {
             for s in reply.statuses {
                 if s.authoritative {
-                    out.insert(s.workload.clone(), s);
+                    out.insert(s.workload.clone(), (s, Some(coordinator.clone())));
                 }
             }
         }

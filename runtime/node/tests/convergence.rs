@@ -4,113 +4,23 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use beemesh_manifest::ticket::Ticket;
-use beemesh_manifest::{HostConfig, SecretKey, SignedManifest};
-use beemesh_node::{NodeOptions, RunningNode, Shared};
-use tempfile::TempDir;
-use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
+use beemesh_node::Shared;
+
+mod common;
+use common::Fleet;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Fleet {
-    dir: TempDir,
-    operator: SecretKey,
-    admission: SecretKey,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        let dir = TempDir::new().expect("tempdir");
-        let admission = SecretKey::from_seed([42; 32]);
-        let ticket = Ticket::issue(&admission, None, OffsetDateTime::now_utc(), None);
-        std::fs::write(dir.path().join("ticket"), ticket.to_toml()).expect("ticket");
-        Self {
-            dir,
-            operator: SecretKey::from_seed([7; 32]),
-            admission,
-        }
-    }
-
-    fn config(&self, name: &str, bootstrap: Option<String>) -> HostConfig {
-        let root = self.dir.path().join(name);
-        let text = format!(
-            r#"
-[node]
-name = "{name}"
-data_dir = "{data}"
-[mesh]
-listen = ["/ip4/127.0.0.1/tcp/0"]
-bootstrap = [{bootstrap}]
-mdns = false
-announce_interval = "300ms"
-peer_timeout = "2s"
-[trust]
-domain = "example.org"
-signers = ["{op}"]
-admission = "{adm}"
-ticket = "{ticket}"
-[runtime]
-driver = "process"
-[api]
-socket = "{sock}"
-[sandbox]
-landlock = "off"
-"#,
-            data = root.join("data").display(),
-            bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default(),
-            op = self.operator.public(),
-            adm = self.admission.public(),
-            ticket = self.dir.path().join("ticket").display(),
-            sock = root.join("api.sock").display(),
-        );
-        HostConfig::from_toml(name, &text).expect("valid host config")
-    }
-
-    async fn start(
-        &self,
-        name: &str,
-        bootstrap: Option<&RunningNode>,
-    ) -> (RunningNode, CancellationToken) {
-        let boot = match bootstrap {
-            Some(b) => Some(first_addr(&b.shared).await),
-            None => None,
-        };
-        let shutdown = CancellationToken::new();
-        let node = beemesh_node::start(
-            NodeOptions::new(self.config(name, boot), None),
-            shutdown.clone(),
-        )
-        .await
-        .expect("node starts");
-        (node, shutdown)
-    }
-
-    fn signed_text(&self, text: &str) -> String {
-        let mut s = SignedManifest::new(text);
-        s.add_signature("test", &self.operator).expect("sign");
-        s.to_toml()
-    }
-
-    fn signed(&self, generation: u64, deleted: bool) -> String {
-        let body = if deleted {
-            "deleted = true\n".to_owned()
-        } else {
-            "[[container]]\nname = \"web\"\nimage = \"localhost/busybox:latest\"\n".to_owned()
-        };
-        let text = format!(
-            "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"hello\"\ngeneration = {generation}\n{body}"
-        );
-        let mut s = SignedManifest::new(text);
-        s.add_signature("test", &self.operator).expect("sign");
-        s.to_toml()
-    }
-}
-
-async fn first_addr(s: &Shared) -> String {
-    let addrs = s.mesh.listen_addrs().await.expect("listen addrs");
-    let a = addrs.first().expect("listening");
-    format!("{a}/p2p/{}", s.peer_id)
+fn signed(fleet: &Fleet, generation: u64, deleted: bool) -> String {
+    let body = if deleted {
+        "deleted = true\n".to_owned()
+    } else {
+        "[[container]]\nname = \"web\"\nimage = \"localhost/busybox:latest\"\n".to_owned()
+    };
+    let text = format!(
+        "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"hello\"\ngeneration = {generation}\n{body}"
+    );
+    fleet.signed_text(&text)
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -145,7 +55,7 @@ async fn desired_state_converges_and_late_nodes_catch_up() {
     // Applied on c, replicated to a and b by gossip, with the same content id.
     let (_, entry) = c
         .shared
-        .apply(&fleet.signed(1, false))
+        .apply(&signed(&fleet, 1, false))
         .await
         .expect("accepted");
     eventually("a and b to receive generation 1", || {
@@ -162,7 +72,7 @@ async fn desired_state_converges_and_late_nodes_catch_up() {
 
     // A rollback to an older generation is refused everywhere, even through the API.
     c.shared
-        .apply(&fleet.signed(2, false))
+        .apply(&signed(&fleet, 2, false))
         .await
         .expect("generation 2");
     eventually("generation 2 everywhere", || {
@@ -171,7 +81,7 @@ async fn desired_state_converges_and_late_nodes_catch_up() {
             .all(|n| generation_on(&n.shared) == Some(2))
     })
     .await;
-    assert!(a.shared.apply(&fleet.signed(1, false)).await.is_err());
+    assert!(a.shared.apply(&signed(&fleet, 1, false)).await.is_err());
 
     // A node that joins late catches up through anti-entropy (gossip happened before it).
     let (d, d_stop) = fleet.start("d", Some(&b)).await;
@@ -182,7 +92,7 @@ async fn desired_state_converges_and_late_nodes_catch_up() {
 
     // A tombstone spreads the same way.
     b.shared
-        .apply(&fleet.signed(3, true))
+        .apply(&signed(&fleet, 3, true))
         .await
         .expect("tombstone");
     eventually("the tombstone everywhere", || {

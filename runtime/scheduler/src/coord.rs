@@ -954,15 +954,25 @@ impl<I: NodeKey> Scheduler<I> {
                 )
             });
         }
+        let which = if spec.selector.is_empty() {
+            "live node"
+        } else {
+            "live node matching the selector"
+        };
         if fitting == 0 {
             return Err(format!(
-                "one replica needs {} but no node matching the selector has that much allocatable (largest: {})",
+                "one replica needs {} but no {which} has that much allocatable (largest: {})",
                 spec.resources, largest
             ));
         }
         if spec.spread == Spread::Node && fitting < wanted as usize {
             return Err(format!(
-                "spread = \"node\" needs {wanted} nodes but only {fitting} match the selector and have the capacity"
+                "spread = \"node\" needs {wanted} nodes but only {fitting} {} the capacity",
+                if spec.selector.is_empty() {
+                    "live nodes have"
+                } else {
+                    "live nodes matching the selector have"
+                }
             ));
         }
         Ok(fitting)

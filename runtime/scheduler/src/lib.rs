@@ -42,7 +42,7 @@ pub use message::{
 };
 pub use scheduler::{
     Assignment, Input, LocalAssignments, Output, PlacementView, RestoreError, Scheduler, Stats,
-    StatusQuery, StatusReply, WorkloadStatus,
+    StatusQuery, StatusReply, WorkloadStatus, coordinator_among,
 };
 pub use types::{
     Digest, Millis, NodeId, NodeInfo, NodeKey, Replica, ReplicaId, ReplicaIndex, ReplicaState,

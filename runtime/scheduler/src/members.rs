@@ -104,6 +104,9 @@ pub(crate) struct Membership<I> {
     changes: HashMap<I, Change, Fixed>,
     /// Live nodes not in `base`, sorted by (ring, id).
     extra: Vec<(u64, I)>,
+    /// Live nodes of `base` whose info differs from the table's (their labels may have
+    /// changed), sorted by (ring, id): label pools of the table do not know them.
+    relabelled: Vec<(u64, I)>,
     live: usize,
     /// Bumped on every change.
     pub version: u64,
@@ -127,6 +130,7 @@ impl<I: NodeKey> Membership<I> {
             base,
             changes: HashMap::default(),
             extra: Vec::new(),
+            relabelled: Vec::new(),
             live,
             version: 0,
         }
@@ -157,11 +161,19 @@ impl<I: NodeKey> Membership<I> {
         let info = Arc::new(info);
         match self.base.position(id) {
             Some(p) => {
+                let key = (self.base.entries[p].ring, id.clone());
+                let at = self.relabelled.binary_search(&key);
                 if *self.base.entries[p].info == *info {
                     self.changes.remove(id);
+                    if let Ok(at) = at {
+                        self.relabelled.remove(at);
+                    }
                 } else {
                     self.changes
                         .insert(id.clone(), Change::Up { info: info.clone() });
+                    if let Err(at) = at {
+                        self.relabelled.insert(at, key);
+                    }
                 }
             }
             None => {
@@ -189,8 +201,12 @@ impl<I: NodeKey> Membership<I> {
         if !self.is_live(id) {
             return false;
         }
-        if self.base.position(id).is_some() {
+        if let Some(p) = self.base.position(id) {
             self.changes.insert(id.clone(), Change::Down);
+            let key = (self.base.entries[p].ring, id.clone());
+            if let Ok(at) = self.relabelled.binary_search(&key) {
+                self.relabelled.remove(at);
+            }
         } else {
             self.changes.remove(id);
             let key = (node_ring(id), id.clone());
@@ -223,6 +239,7 @@ impl<I: NodeKey> Membership<I> {
         self.base = Arc::new(MemberTable::from_entries(entries));
         self.changes.clear();
         self.extra.clear();
+        self.relabelled.clear();
     }
 
     /// Every live node, in ring order.
@@ -356,7 +373,15 @@ impl<I: NodeKey> Membership<I> {
         let positions: Option<&Vec<u32>> =
             pool.map(|k| self.base.by_label.get(k).unwrap_or(&empty));
         let base_n = positions.map_or(self.base.entries.len(), Vec::len);
-        let population = base_n + self.extra.len();
+        // A pool of the table misses the nodes that joined or changed their info since it
+        // was built: draw among them too (`accept` checks their current labels).
+        let relabelled: &[(u64, I)] = if pool.is_some() {
+            &self.relabelled
+        } else {
+            &[]
+        };
+        let extra_n = self.extra.len();
+        let population = base_n + extra_n + relabelled.len();
         if population == 0 {
             return;
         }
@@ -369,8 +394,11 @@ impl<I: NodeKey> Membership<I> {
             let cand = if r < base_n {
                 let p = positions.map_or(r, |v| v[r] as usize);
                 self.base_live(p).map(|(id, info)| (id, &**info))
-            } else {
+            } else if r < base_n + extra_n {
                 let id = &self.extra[r - base_n].1;
+                self.info(id).map(|info| (id, &**info))
+            } else {
+                let id = &relabelled[r - base_n - extra_n].1;
                 self.info(id).map(|info| (id, &**info))
             };
             if let Some((id, info)) = cand
@@ -397,9 +425,10 @@ impl<I: NodeKey> Membership<I> {
                         all.push((mix(seed, self.base.entries[p].ring), id));
                     }
                 }
-                for (ring, id) in &self.extra {
+                for (ring, id) in self.extra.iter().chain(relabelled) {
                     if let Some(info) = self.info(id)
                         && !out.contains(id)
+                        && !all.iter().any(|(_, a)| *a == id)
                         && accept(id, info)
                     {
                         all.push((mix(seed, *ring), id));
@@ -423,7 +452,9 @@ impl<I: NodeKey> Membership<I> {
         out.extend(all.into_iter().map(|(_, id)| id.clone()));
     }
 
-    /// The rarest of these label pairs in the table (the best pool to sample from).
+    /// The rarest of these label pairs among live nodes (the best pool to sample from), with
+    /// about how many nodes carry it: the table's count (nodes gone down included) plus the
+    /// joined and changed nodes that carry it now.
     pub fn rarest<'a>(
         &self,
         labels: impl Iterator<Item = (&'a String, &'a String)>,
@@ -431,7 +462,13 @@ impl<I: NodeKey> Membership<I> {
         labels
             .map(|(k, v)| {
                 let key = (k.clone(), v.clone());
-                let n = self.base.by_label.get(&key).map_or(0, Vec::len);
+                let fresh = self
+                    .extra
+                    .iter()
+                    .chain(&self.relabelled)
+                    .filter(|(_, id)| self.info(id).is_some_and(|i| i.labels.get(k) == Some(v)))
+                    .count();
+                let n = self.base.by_label.get(&key).map_or(0, Vec::len) + fresh;
                 (key, n)
             })
             .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
@@ -514,6 +551,50 @@ mod tests {
                 assert_eq!(m.predecessor(p, &id), expect);
             }
         }
+    }
+
+    #[test]
+    fn label_pools_include_joined_and_relabelled_nodes() {
+        // A node's view starts from an empty table: everyone joins through `up`, which is how
+        // a real node learns its mesh. Pools must still find them.
+        let mut m = Membership::new(Arc::new(MemberTable::new(std::iter::empty())));
+        for i in 0u32..5 {
+            m.up(&i, info(if i == 3 { "fast" } else { "plain" }));
+        }
+        let key = ("zone".to_owned(), "fast".to_owned());
+        let fast = [(&key.0, &key.1)];
+        assert_eq!(m.rarest(fast.into_iter()), Some((key.clone(), 1)));
+        let mut out = Vec::new();
+        m.sample(
+            &mut SplitMix::new(1),
+            1,
+            Some(&key),
+            false,
+            |_, i| i.labels["zone"] == "fast",
+            &mut out,
+        );
+        assert_eq!(out, vec![3]);
+
+        // A node of the table that changes its labels is found in its new pool, and no longer
+        // counted once it goes down.
+        let table = Arc::new(MemberTable::new((0u32..50).map(|i| (i, info("plain")))));
+        let mut m = Membership::new(table);
+        m.up(&7, info("fast"));
+        assert_eq!(m.rarest(fast.into_iter()), Some((key.clone(), 1)));
+        let mut out = Vec::new();
+        m.sample(
+            &mut SplitMix::new(2),
+            1,
+            Some(&key),
+            true,
+            |_, i| i.labels["zone"] == "fast",
+            &mut out,
+        );
+        assert_eq!(out, vec![7]);
+        m.down(&7);
+        assert_eq!(m.rarest(fast.into_iter()), Some((key.clone(), 0)));
+        m.up(&7, info("plain"));
+        assert!(m.relabelled.is_empty(), "back to the table's info");
     }
 
     #[test]

@@ -690,3 +690,20 @@ impl<I: NodeKey> Scheduler<I> {
 pub(crate) fn workload_ring(w: &WorkloadId) -> u64 {
     stable_hash(&w.key_bytes())
 }
+
+/// The coordinator of `w` when exactly `live` are the live nodes: what
+/// [`Scheduler::coordinator`] answers on a node whose membership view is `live`. For tools
+/// and tests that want to know which node tenders a workload.
+pub fn coordinator_among<'a, I: NodeKey + 'a>(
+    w: &WorkloadId,
+    live: impl IntoIterator<Item = &'a I>,
+) -> Option<I> {
+    let pos = workload_ring(w);
+    live.into_iter()
+        .min_by_key(|id| {
+            let ring = crate::members::node_ring(*id);
+            // Nodes at or after `pos` first, then the wrapped ones; ties by ring then id.
+            (ring < pos, ring, *id)
+        })
+        .cloned()
+}

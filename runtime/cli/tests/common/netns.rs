@@ -54,6 +54,25 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Set to keep a rig's files (host configs, keys, node logs) also when the test passes.
+pub const KEEP_ENV: &str = "BEEMESH_TEST_KEEP";
+
+/// For a rig's `Drop`: keeps its directory when the test is failing (or [`KEEP_ENV`] is set)
+/// and says where it is.
+pub fn keep_files_on_failure(dir: &mut Option<tempfile::TempDir>, started: Instant) {
+    let failed = std::thread::panicking();
+    if (failed || std::env::var_os(KEEP_ENV).is_some())
+        && let Some(dir) = dir.take()
+    {
+        eprintln!(
+            "the test {} after {:.1?}; host configs, keys and node logs are kept in {}",
+            if failed { "failed" } else { "passed" },
+            started.elapsed(),
+            dir.keep().display()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Availability
 
@@ -174,6 +193,8 @@ pub struct Lab {
     prefix: String,
     hub: Option<String>,
     hosts: Vec<Host>,
+    /// Blackhole routes of a partition: (namespace, destination).
+    cuts: Vec<(String, String)>,
 }
 
 /// One namespace of a [`Lab`]: a host with one interface, `eth0`, on the lab's bridge.
@@ -202,6 +223,7 @@ impl Lab {
             prefix,
             hub: None,
             hosts: Vec::new(),
+            cuts: Vec::new(),
         };
         let hub = format!("{}-hub", lab.prefix);
         ip(&["netns", "add", &hub])?;
@@ -258,6 +280,35 @@ impl Lab {
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }
+
+    /// Splits the lab: hosts in different `groups` can no longer reach each other (a blackhole
+    /// route to every address of the other groups, in each host), while hosts of one group
+    /// still can. Established connections across the cut stall like on a broken link.
+    pub fn partition(&mut self, groups: &[&[&Host]]) -> Result<(), String> {
+        for (gi, group) in groups.iter().enumerate() {
+            for (gj, other) in groups.iter().enumerate() {
+                if gi == gj {
+                    continue;
+                }
+                for a in group.iter() {
+                    for b in other.iter() {
+                        let dst = format!("{}/32", b.addr);
+                        ip(&["-n", &a.ns, "route", "add", "blackhole", &dst])?;
+                        self.cuts.push((a.ns.clone(), dst));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every cut made by [`Lab::partition`].
+    pub fn heal(&mut self) -> Result<(), String> {
+        while let Some((ns, dst)) = self.cuts.pop() {
+            ip(&["-n", &ns, "route", "del", "blackhole", &dst])?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Lab {
@@ -291,6 +342,27 @@ impl Host {
     /// Brings the switch port back up.
     pub fn reconnect(&self) -> Result<(), String> {
         ip(&["-n", &self.hub, "link", "set", &self.port, "up"]).map(drop)
+    }
+
+    /// Processes running in this host's namespace (a node and what it started).
+    pub fn pids(&self) -> Vec<i32> {
+        pids_in(&self.ns)
+    }
+
+    /// SIGKILLs every process in the namespace: the host loses power, its workloads with it.
+    pub fn kill_everything(&self) {
+        for pid in self.pids() {
+            sigkill(pid);
+        }
+    }
+
+    /// Processes in this host's namespace whose command line is exactly `argv`.
+    pub fn processes_running(&self, argv: &[&str]) -> Vec<i32> {
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        self.pids()
+            .into_iter()
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+            .collect()
     }
 
     /// The TCP mesh address of a node on this host, with `/p2p/<peer>` when given.
@@ -498,6 +570,10 @@ pub struct HostToml {
     pub admission: String,
     pub ticket: PathBuf,
     pub api_socket: PathBuf,
+    /// `[node] labels` (`rig = "netns"` by default).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `[resources] reserve`, as TOML values (`cpu`, `memory`); the node's defaults when `None`.
+    pub reserve: Option<(String, String)>,
 }
 
 /// A TOML basic string.
@@ -543,20 +619,37 @@ impl HostToml {
             admission: creds.admission.clone(),
             ticket: creds.fleet_ticket.clone(),
             api_socket: dir.join("api.sock"),
+            labels: [("rig".to_owned(), "netns".to_owned())].into(),
+            reserve: None,
         }
     }
 
     pub fn render(&self) -> String {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
+            .collect();
+        let resources = match &self.reserve {
+            Some((cpu, memory)) => format!(
+                "[resources]\nreserve = {{ cpu = {}, memory = {} }}\n\n",
+                toml_str(cpu),
+                toml_str(memory)
+            ),
+            None => String::new(),
+        };
         format!(
             "# Written by the netns test rig.\n\
-             [node]\nname = {}\ndata_dir = {}\nlabels = {{ rig = \"netns\" }}\n\n\
+             [node]\nname = {}\ndata_dir = {}\nlabels = {{ {} }}\n\n\
              [mesh]\nlisten = {}\nbootstrap = {}\nmdns = false\nannounce_interval = {}\npeer_timeout = {}\n\n\
              [trust]\ndomain = {}\nsigners = {}\nthreshold = 1\nadmission = {}\nticket = {}\n\n\
              [runtime]\ndriver = \"process\"\n\n\
+             {}\
              [api]\nsocket = {}\n\n\
              [sandbox]\nlandlock = \"off\"\n",
             toml_str(&self.name),
             toml_path(&self.data_dir),
+            labels.join(", "),
             toml_list(&self.listen),
             toml_list(&self.bootstrap),
             toml_str(&self.announce_interval),
@@ -565,6 +658,7 @@ impl HostToml {
             toml_list(&self.signers),
             toml_str(&self.admission),
             toml_path(&self.ticket),
+            resources,
             toml_path(&self.api_socket),
         )
     }
@@ -615,6 +709,8 @@ pub struct NodeProcess {
     api: Api,
     child: Option<Child>,
     starts: u32,
+    /// `BEEMESH_LOG` of the node; [`node_log_filter`] when `None`.
+    log_filter: Option<String>,
 }
 
 impl NodeProcess {
@@ -640,7 +736,24 @@ impl NodeProcess {
             api: Api::new(&config.api_socket),
             child: None,
             starts: 0,
+            log_filter: None,
         })
+    }
+
+    /// The node's log filter (`BEEMESH_LOG`) from its next start on.
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = Some(filter.to_owned());
+    }
+
+    /// Sends `signal` to the running node (SIGSTOP freezes it like a hung host, SIGCONT
+    /// thaws it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), String> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| format!("node {} is not running", self.name))?;
+        let pid = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .map_err(|e| format!("cannot send {signal} to node {}: {e}", self.name))
     }
 
     pub fn name(&self) -> &str {
@@ -685,7 +798,10 @@ impl NodeProcess {
             .env_remove("BEEMESH_API")
             .env_remove("BEEMESH_CONFIG")
             .env_remove("RUST_LOG")
-            .env("BEEMESH_LOG", node_log_filter())
+            .env(
+                "BEEMESH_LOG",
+                self.log_filter.clone().unwrap_or_else(node_log_filter),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))

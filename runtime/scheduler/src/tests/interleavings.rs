@@ -405,3 +405,27 @@ fn an_overtaken_report_frees_nothing_but_a_restarted_hosts_report_does() {
     s.handle(report(1, &[0]), 10_000);
     assert_eq!(held(&s), [0].into());
 }
+
+#[test]
+fn coordinator_among_agrees_with_every_scheduler_view() {
+    use std::sync::Arc;
+    for n in [1u32, 2, 5, 17] {
+        let nodes: Vec<u32> = (0..n).collect();
+        let table = Arc::new(crate::MemberTable::new(
+            nodes.iter().map(|&i| (i, info(1000, 1000, &[]))),
+        ));
+        let probe = Scheduler::with_members(0u32, test_config(), table);
+        for k in 0..200 {
+            let w = crate::WorkloadId::new("default", format!("w{k}"));
+            assert_eq!(
+                crate::coordinator_among(&w, &nodes),
+                probe.coordinator(&w),
+                "{w} among {n} nodes"
+            );
+        }
+    }
+    assert_eq!(
+        crate::coordinator_among::<u32>(&crate::WorkloadId::new("a", "b"), &[]),
+        None
+    );
+}

@@ -200,6 +200,34 @@ fn p2_bids_score_free_capacity_and_prefer() {
 }
 
 #[test]
+fn p2_prefer_finds_the_preferred_node_among_nodes_that_joined() {
+    // Every node learns its mesh through NodeUp (as a real node does), so the preferred node
+    // is not in any shared table's label pool; with 12 nodes a tender of two sampled
+    // candidates would miss it most of the time if it were drawn from everyone.
+    let mut c = Cluster::new(
+        12,
+        |i| match i {
+            7 => info(4000, 4000, &[("power", "solar")]),
+            _ => info(4000, 4000, &[]),
+        },
+        test_config(),
+    );
+    settle(&mut c);
+    for k in 0..8 {
+        let mut w = spec(&format!("sunny{k}"), 1, Spread::Node);
+        w.prefer.insert("power".into(), "solar".into());
+        c.submit(w.clone());
+        c.run_for(1_000);
+        assert_eq!(
+            c.running(&w.id).iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![7],
+            "{} goes to the preferred node, which has room",
+            w.id
+        );
+    }
+}
+
+#[test]
 fn p2_capacity_is_reserved_while_bidding_and_released_or_expired_after() {
     let mut c = uniform(3);
     settle(&mut c);
