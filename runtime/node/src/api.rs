@@ -210,6 +210,7 @@ async fn apply(State(s): State<Arc<Shared>>, body: String) -> Response {
                 SubmitError::Untrusted(_) => StatusCode::FORBIDDEN,
                 SubmitError::Rollback(_) => StatusCode::CONFLICT,
                 SubmitError::Io { .. } | SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                SubmitError::Interrupted(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             tracing::warn!("refused manifest from the API: {e}");
             error(status, error_text(&e))

@@ -141,13 +141,28 @@ impl Shared {
     }
 
     /// Verifies and stores a signed manifest from `source` (`api`, `gossip`, `sync`),
-    /// counting the outcome. Publishing is the caller's business.
-    pub fn submit(
+    /// counting the outcome. Publishing is the caller's business. The verification and the
+    /// durable writes (fsync) run on the blocking pool, so that they never stall the async
+    /// workers that serve the API, the mesh and the scheduler.
+    pub async fn submit(
         &self,
         source: &str,
         text: &str,
     ) -> Result<(Outcome, crate::store::Entry), SubmitError> {
-        let result = self.store().submit(source, text, (self.clock)());
+        let store = self.store.clone();
+        let (src, owned, now) = (source.to_owned(), text.to_owned(), (self.clock)());
+        let result = match tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .submit(&src, &owned, now)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(SubmitError::Interrupted(e.to_string())),
+        };
         match &result {
             Ok((Outcome::Accepted, e)) => {
                 if let Some(spec) = placement::spec_of(e) {
@@ -172,7 +187,7 @@ impl Shared {
 
     /// Accepts a manifest from the API and spreads it: gossip plus a Kademlia record.
     pub async fn apply(&self, text: &str) -> Result<(Outcome, crate::store::Entry), SubmitError> {
-        let (outcome, entry) = self.submit("api", text)?;
+        let (outcome, entry) = self.submit("api", text).await?;
         if outcome == Outcome::Accepted {
             let bytes = entry.signed_text.clone().into_bytes();
             if let Err(e) = self.mesh.publish(MANIFEST_TOPIC, bytes.clone()).await {
@@ -224,7 +239,7 @@ fn reject_reason(e: &SubmitError) -> &'static str {
         SubmitError::Envelope(_) => "envelope",
         SubmitError::Untrusted(_) => "untrusted",
         SubmitError::Rollback(_) => "rollback",
-        SubmitError::Io { .. } | SubmitError::Store(_) => "storage",
+        SubmitError::Io { .. } | SubmitError::Store(_) | SubmitError::Interrupted(_) => "storage",
     }
 }
 
@@ -523,13 +538,15 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                     shared.metrics.rejected("gossip", "envelope");
                     Validation::Reject
                 }
-                Ok(text) => match shared.submit("gossip", text) {
+                Ok(text) => match shared.submit("gossip", text).await {
                     Ok(_) => Validation::Accept,
                     Err(e) => {
                         tracing::warn!(%source, %propagation_source, "dropped gossip manifest: {e}");
                         match e {
                             SubmitError::Rollback(_) => Validation::Ignore,
-                            SubmitError::Io { .. } | SubmitError::Store(_) => Validation::Ignore,
+                            SubmitError::Io { .. }
+                            | SubmitError::Store(_)
+                            | SubmitError::Interrupted(_) => Validation::Ignore,
                             _ => Validation::Reject,
                         }
                     }
@@ -679,7 +696,7 @@ pub async fn sync_with(shared: Arc<Shared>, peer: PeerId) {
         };
         let mut progressed = false;
         for text in &resp.manifests {
-            match shared.submit("sync", text) {
+            match shared.submit("sync", text).await {
                 Ok((Outcome::Accepted, _)) => progressed = true,
                 Ok((Outcome::Unchanged, _)) => {}
                 Err(e) => tracing::warn!(%peer, "dropped synced manifest: {e}"),

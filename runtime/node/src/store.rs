@@ -41,12 +41,18 @@ pub enum SubmitError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The write did not run to its end (the node is shutting down).
+    #[error("the desired-state write did not complete: {0}")]
+    Interrupted(String),
 }
 
 impl SubmitError {
     /// Whether the sender is at fault (as opposed to this node's storage).
     pub fn is_rejection(&self) -> bool {
-        !matches!(self, SubmitError::Io { .. } | SubmitError::Store(_))
+        !matches!(
+            self,
+            SubmitError::Io { .. } | SubmitError::Store(_) | SubmitError::Interrupted(_)
+        )
     }
 }
 
