@@ -588,55 +588,12 @@ impl Drop for NodeProcess {
 #[test]
 fn remote_commands_against_a_running_node() {
     let dir = TempDir::new().expect("tempdir");
-    let TestMesh {
-        op,
-        op_pub,
-        adm_pub,
-        ticket,
-    } = test_mesh(dir.path());
-    let sock = dir.path().join("api.sock");
-    let host = dir.path().join("host.toml");
-    fs::write(
-        &host,
-        format!(
-            "[node]\nname = \"solo\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
-             [trust]\ndomain = \"example.org\"\nsigners = [\"{op_pub}\"]\nadmission = \"{adm_pub}\"\nticket = \"{}\"\n\
-             [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"required\"\n",
-            dir.path().join("data").display(),
-            ticket.display(),
-            sock.display()
-        ),
-    )
-    .expect("host.toml");
-    let log = fs::File::create(dir.path().join("node.log")).expect("log");
-    let _node = NodeProcess(
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
-            .args(["node", "--config"])
-            .arg(&host)
-            .stderr(log)
-            .spawn()
-            .expect("node starts"),
-    );
+    let mesh = test_mesh(dir.path());
+    let op = mesh.op.clone();
+    let (_node, sock) = start_node(dir.path(), &mesh, "solo", None, "required");
     let api = |c: &mut Command| {
         c.arg("--api").arg(&sock);
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let mut c = beemesh();
-        api(&mut c);
-        if c.args(["status", "-o", "json"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node API never answered: {}",
-            fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 
     let mut c = beemesh();
     api(&mut c);
@@ -902,6 +859,7 @@ fn start_node(
     mesh: &TestMesh,
     name: &str,
     bootstrap: Option<&str>,
+    landlock: &str,
 ) -> (NodeProcess, PathBuf) {
     let root = dir.join(name);
     fs::create_dir_all(&root).expect("node dir");
@@ -913,7 +871,7 @@ fn start_node(
             "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
              bootstrap = [{}]\n\
              [trust]\ndomain = \"example.org\"\nsigners = [\"{}\"]\nadmission = \"{}\"\nticket = \"{}\"\n\
-             [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"best-effort\"\n",
+             [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"{landlock}\"\n",
             root.join("data").display(),
             bootstrap.map(|b| format!("{b:?}")).unwrap_or_default(),
             mesh.op_pub,
@@ -966,14 +924,14 @@ fn apply_wait_logs_and_delete_wait_against_a_running_node() {
     let dir = TempDir::new().expect("tempdir");
     let mesh = test_mesh(dir.path());
     let op = mesh.op.clone();
-    let (_one, sock) = start_node(dir.path(), &mesh, "one", None);
+    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
     let status = status_of(&sock);
     let boot = format!(
         "{}/p2p/{}",
         status["listen"][0].as_str().expect("a listen address"),
         status["peer_id"].as_str().expect("a peer id")
     );
-    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot));
+    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "best-effort");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
         assert!(

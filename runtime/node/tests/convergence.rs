@@ -1,13 +1,12 @@
 //! In-process desired-state convergence: real nodes (store, mesh, API) on loopback.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use beemesh_node::Shared;
 
 mod common;
-use common::Fleet;
+use common::{Fleet, get};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -128,27 +127,13 @@ async fn api_answers_on_the_unix_socket() {
     let fleet = Fleet::new();
     let (a, stop) = fleet.start("a", None).await;
     let sock = a.api_socket.clone();
-    let status = http_get(&sock, "/v1/status").await;
+    let (_, status) = get(&sock, "/v1/status").await;
     assert!(status.contains(&a.shared.peer_id.to_base58()), "{status}");
-    let metrics = http_get(&sock, "/metrics").await;
+    let (_, metrics) = get(&sock, "/metrics").await;
     assert!(metrics.contains("beemesh_workloads"), "{metrics}");
     stop.cancel();
     a.join().await;
     assert!(!sock.exists(), "the socket is removed on shutdown");
-}
-
-/// A raw HTTP/1.0 GET over the unix socket (the CLI's client is tested end to end elsewhere).
-async fn http_get(sock: &Path, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::UnixStream::connect(sock)
-        .await
-        .expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
 
 fn running_on(placements: &serde_json::Value) -> Vec<String> {
@@ -181,9 +166,9 @@ async fn a_workload_is_placed_on_exactly_replicas_distinct_nodes_and_runs() {
     let mut last = serde_json::Value::Null;
     loop {
         let sock = c.api_socket.clone();
-        let body = http_get(&sock, "/v1/workloads/default/sleeper").await;
-        if let Some(json) = body.split("\r\n\r\n").nth(1) {
-            last = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+        let (code, json) = get(&sock, "/v1/workloads/default/sleeper").await;
+        if code == 200 {
+            last = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
             let mut nodes = running_on(&last);
             nodes.sort();
             nodes.dedup();

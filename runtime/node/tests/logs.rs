@@ -1,47 +1,18 @@
 //! Replica logs through the API of a node that does not run the replica: three real nodes
 //! (store, mesh, scheduler, process driver, API) on loopback.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use beemesh_node::RunningNode;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 mod common;
-use common::Fleet;
+use common::{Fleet, get, open};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Sends a GET over the unix socket and returns the connection, positioned at the start of
-/// the answer (HTTP/1.0: the body ends when the server closes).
-async fn open(sock: &Path, path: &str) -> tokio::net::UnixStream {
-    let mut s = tokio::net::UnixStream::connect(sock)
-        .await
-        .expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    s
-}
-
-/// A whole answer: (status code, body).
-async fn get(sock: &Path, path: &str) -> (u16, String) {
-    let mut s = open(sock, path).await;
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut raw))
-        .await
-        .expect("the answer completes")
-        .expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_owned())
-}
 
 /// Reads from a streaming answer until `needle` appears in what was read so far.
 async fn read_until(s: &mut tokio::net::UnixStream, seen: &mut String, needle: &str) {

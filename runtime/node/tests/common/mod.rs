@@ -6,8 +6,12 @@
 use beemesh_manifest::ticket::Ticket;
 use beemesh_manifest::{HostConfig, SecretKey, SignedManifest};
 use beemesh_node::{NodeOptions, RunningNode, Shared};
+use std::path::Path;
+use std::time::Duration;
 use tempfile::TempDir;
 use time::OffsetDateTime;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// Keys, a fleet ticket and a directory for in-process nodes on loopback.
@@ -99,4 +103,33 @@ pub async fn first_addr(s: &Shared) -> String {
     let addrs = s.mesh.listen_addrs().await.expect("listen addrs");
     let a = addrs.first().expect("listening");
     format!("{a}/p2p/{}", s.peer_id)
+}
+
+/// Sends a GET over the unix socket and returns the connection, positioned at the start of
+/// the answer (HTTP/1.0: the body ends when the server closes).
+pub async fn open(sock: &Path, path: &str) -> tokio::net::UnixStream {
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    s
+}
+
+/// A whole answer: (status code, body).
+pub async fn get(sock: &Path, path: &str) -> (u16, String) {
+    let mut s = open(sock, path).await;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut raw))
+        .await
+        .expect("the answer completes")
+        .expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
 }
