@@ -61,10 +61,7 @@ fn path(a: &LogsArgs) -> String {
 }
 
 pub fn logs(client: &Client, a: &LogsArgs, format: Format) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::remote::runtime()?;
     // Without --follow the answer must keep coming; with it, silence is normal.
     let idle = (!a.follow).then_some(Duration::from_secs(60));
     let mut stdout = std::io::stdout().lock();

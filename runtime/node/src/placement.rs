@@ -43,7 +43,7 @@ enum Command {
     Input(Input<Id>),
     Status {
         workloads: Vec<WorkloadId>,
-        reply: oneshot::Sender<Vec<(WorkloadStatus<Id>, Vec<Id>)>>,
+        reply: oneshot::Sender<Vec<(WorkloadStatus<Id>, Option<Id>)>>,
     },
 }
 
@@ -58,9 +58,12 @@ impl Placement {
         let _ = self.tx.send(Command::Input(input));
     }
 
-    /// Each workload's status in this node's view, with whom to ask when the view is not
-    /// authoritative (the coordinator first).
-    pub async fn status(&self, workloads: Vec<WorkloadId>) -> Vec<(WorkloadStatus<Id>, Vec<Id>)> {
+    /// Each workload's status in this node's view, with its coordinator (whom to ask when the
+    /// view is not authoritative).
+    pub async fn status(
+        &self,
+        workloads: Vec<WorkloadId>,
+    ) -> Vec<(WorkloadStatus<Id>, Option<Id>)> {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Command::Status { workloads, reply }).is_err() {
             return Vec::new();
@@ -95,6 +98,10 @@ pub type Lookup =
 #[derive(Default)]
 struct Wanted {
     replicas: BTreeMap<ReplicaId, Replica>,
+    /// Replicas the scheduler (re)started since the reconcile loop last looked: their next
+    /// state is reported even when it equals the last one (a restart that fails again for
+    /// the same reason must still count as a failure).
+    started: BTreeSet<ReplicaId>,
 }
 
 /// Everything the placement tasks need from the node.
@@ -190,7 +197,7 @@ async fn scheduler_task(
                 Some(Command::Status { workloads, reply }) => {
                     let out = workloads
                         .iter()
-                        .map(|w| (sched.status(w), sched.status_sources(w, 3)))
+                        .map(|w| (sched.status(w), sched.coordinator(w)))
                         .collect();
                     let _ = reply.send(out);
                     Vec::new()
@@ -214,6 +221,7 @@ fn carry_out(
             Output::Send { to, msg } => send(ctx, to, msg),
             Output::Start { replica } => {
                 let mut w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+                w.started.insert(replica.id.clone());
                 w.replicas.insert(replica.id.clone(), replica);
                 touched = true;
             }
@@ -293,8 +301,7 @@ pub async fn statuses(
 ) -> BTreeMap<WorkloadId, (WorkloadStatus<Id>, Option<Id>)> {
     let mut out = BTreeMap::new();
     let mut ask: BTreeMap<Id, Vec<WorkloadId>> = BTreeMap::new();
-    for (status, sources) in placement.status(workloads).await {
-        let coordinator = sources.into_iter().next();
+    for (status, coordinator) in placement.status(workloads).await {
         match &coordinator {
             Some(c) if !status.authoritative && c != local => {
                 ask.entry(c.clone())
@@ -347,7 +354,10 @@ async fn reconcile_loop(
     let mut running_ids: BTreeSet<ReplicaId> = BTreeSet::new();
     loop {
         let current: Vec<Replica> = {
-            let w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+            for id in std::mem::take(&mut w.started) {
+                reported.remove(&id);
+            }
             w.replicas.values().cloned().collect()
         };
         let mut specs = Vec::new();

@@ -108,8 +108,6 @@ pub(crate) struct Membership<I> {
     /// changed), sorted by (ring, id): label pools of the table do not know them.
     relabelled: Vec<(u64, I)>,
     live: usize,
-    /// Bumped on every change.
-    pub version: u64,
 }
 
 /// What changed for a node, as far as scheduling cares.
@@ -132,7 +130,6 @@ impl<I: NodeKey> Membership<I> {
             extra: Vec::new(),
             relabelled: Vec::new(),
             live,
-            version: 0,
         }
     }
 
@@ -185,7 +182,6 @@ impl<I: NodeKey> Membership<I> {
                 self.changes.insert(id.clone(), Change::Up { info });
             }
         }
-        self.version += 1;
         let t = if was.is_some() {
             Transition::Updated
         } else {
@@ -215,7 +211,6 @@ impl<I: NodeKey> Membership<I> {
             }
         }
         self.live -= 1;
-        self.version += 1;
         self.maybe_compact();
         true
     }

@@ -163,9 +163,6 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) members: Membership<I>,
     /// Whether the node has told us its own capacity.
     pub(crate) local_known: bool,
-    /// Bumped when membership or capacity grows (the only changes that can make an
-    /// unschedulable workload schedulable).
-    pub(crate) grow_version: u64,
     pub(crate) desired: BTreeMap<WorkloadId, Arc<WorkloadSpec>>,
     pub(crate) desired_ring: BTreeMap<u64, BTreeSet<WorkloadId>>,
     pub(crate) coords: BTreeMap<WorkloadId, Coord<I>>,
@@ -184,7 +181,6 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) reservations: BTreeMap<(I, WorkloadId, u64), Reservation>,
     pub(crate) timers: BTreeSet<(Millis, Timer<I>)>,
     pub(crate) started_at: Option<Millis>,
-    pub(crate) report_at: Option<Millis>,
     pub(crate) out: Vec<Output<I>>,
     pub(crate) loopback: VecDeque<Message>,
     pub(crate) persist_dirty: bool,
@@ -213,7 +209,6 @@ impl<I: NodeKey> Scheduler<I> {
             config,
             members,
             local_known,
-            grow_version: 0,
             desired: BTreeMap::new(),
             desired_ring: BTreeMap::new(),
             coords: BTreeMap::new(),
@@ -227,7 +222,6 @@ impl<I: NodeKey> Scheduler<I> {
             reservations: BTreeMap::new(),
             timers: BTreeSet::new(),
             started_at: None,
-            report_at: None,
             out: Vec::new(),
             loopback: VecDeque::new(),
             persist_dirty: false,
@@ -294,7 +288,6 @@ impl<I: NodeKey> Scheduler<I> {
         if self.started_at.is_none() {
             self.started_at = Some(now);
             let first = now + self.config.report_interval + self.local_ring % 1000;
-            self.report_at = Some(first);
             self.timers.insert((first, Timer::Report));
         }
         self.fire_timers(now);
@@ -353,7 +346,6 @@ impl<I: NodeKey> Scheduler<I> {
                     self.prune_early_reports(now);
                     self.report_all();
                     let next = now + self.config.report_interval;
-                    self.report_at = Some(next);
                     self.timers.insert((next, Timer::Report));
                 }
             }
@@ -425,11 +417,8 @@ impl<I: NodeKey> Scheduler<I> {
         let t = self.members.up(&node, info);
         match t {
             Transition::Same => return,
-            Transition::Updated => {
-                self.grow_version += 1;
-            }
+            Transition::Updated => {}
             Transition::Joined => {
-                self.grow_version += 1;
                 self.reassign_arc(&node, now);
                 let grace = now + self.config.takeover_grace;
                 let ws: Vec<WorkloadId> = self.coords.keys().cloned().collect();
