@@ -139,7 +139,7 @@ pub fn write_fat(
     let staging = tempdir()?;
     let mut dirs_made = Vec::new();
     for (name, bytes) in files {
-        let local = staging.join(name.replace('/', "_"));
+        let local = staging.path().join(name.replace('/', "_"));
         std::fs::write(&local, bytes).map_err(|cause| ConfigureError::Read {
             path: local.clone(),
             cause,
@@ -158,17 +158,18 @@ pub fn write_fat(
             &format!("::/{name}"),
         ]))?;
     }
-    let _ = std::fs::remove_dir_all(&staging);
     Ok(())
 }
 
-fn tempdir() -> Result<PathBuf, ConfigureError> {
-    let base = std::env::temp_dir().join(format!("beemesh-configure-{}", std::process::id()));
-    std::fs::create_dir_all(&base).map_err(|cause| ConfigureError::Read {
-        path: base.clone(),
-        cause,
-    })?;
-    Ok(base)
+/// A fresh staging directory of its own (removed when dropped, also on error).
+fn tempdir() -> Result<tempfile::TempDir, ConfigureError> {
+    tempfile::Builder::new()
+        .prefix("beemesh-configure-")
+        .tempdir()
+        .map_err(|cause| ConfigureError::Read {
+            path: std::env::temp_dir(),
+            cause,
+        })
 }
 
 /// Configures one host in `image` (a raw GPT disk image built by `beemesh image build`).
