@@ -60,7 +60,7 @@ pub use error::MeshError;
 pub use handle::{MAX_ANNOUNCEMENT_BYTES, MeshEvent, MeshHandle, ReplyHandle, Validation};
 pub use identity::{IdentityError, NODE_KEY_FILE, load_or_create_identity};
 pub use libp2p::gossipsub::MessageId;
-pub use libp2p::identity::Keypair;
+pub use libp2p::identity::{Keypair, PublicKey as PeerPublicKey};
 pub use libp2p::{Multiaddr, PeerId};
 pub use membership::PeerInfo;
 

@@ -5,6 +5,7 @@
 //! [`run`]; everything else talks to a running node through its API.
 
 pub mod api;
+pub mod authority;
 pub mod capacity;
 pub mod logging;
 pub mod logs;

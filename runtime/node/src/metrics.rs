@@ -1,5 +1,9 @@
 //! Prometheus metrics served at `/metrics`.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,8 +23,91 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The scheduler message: `tender`, `award`, `revoke`, `report`, `bid`...
+    pub message: String,
+    /// `beemesh_scheduler::Refusal::as_str`: `not_coordinator`, `bad_award`, ...
+    pub reason: String,
+}
+
+/// The scheduler's counters, shared with the placement task.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerMetrics {
+    log: Arc<Mutex<RefusalLog>>,
+    /// Scheduler messages (or claims within reports) refused, by message and reason.
+    pub refused: Family<RefusalLabels, Counter>,
+    /// Peers' scheduler messages dropped because the scheduler's queue was full.
+    pub dropped: Counter,
+    /// Manifests fetched from a peer because a message named a generation not verified here.
+    pub fetches: Counter,
+}
+
+impl SchedulerMetrics {
+    /// Counts a refused scheduler message from `peer` and logs it, at most once per peer every
+    /// [`REFUSAL_LOG_EVERY`] (the next line says how many were not logged).
+    pub fn refused(&self, peer: &str, message: &str, reason: &str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                message: message.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(suppressed) = log.due(peer) {
+            tracing::warn!(
+                peer,
+                message,
+                reason,
+                suppressed,
+                "refused a scheduler message"
+            );
+        }
+    }
+}
+
+/// Refusals are logged at most once per peer in this long (the rest are counted).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Peers whose refusals are remembered for rate-limited logging.
+const REFUSAL_LOG_PEERS: usize = 1024;
+
+/// Per peer: when its last refusal was logged, and how many were not logged since.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    peers: BTreeMap<String, (Instant, u64)>,
+}
+
+impl RefusalLog {
+    /// Whether to log a refusal from `peer` now; if so, how many were suppressed before it.
+    fn due(&mut self, peer: &str) -> Option<u64> {
+        let now = Instant::now();
+        if !self.peers.contains_key(peer) && self.peers.len() >= REFUSAL_LOG_PEERS {
+            self.peers
+                .retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+            if self.peers.len() >= REFUSAL_LOG_PEERS {
+                return None;
+            }
+        }
+        match self.peers.get_mut(peer) {
+            Some((at, more)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
+                *more += 1;
+                None
+            }
+            Some((at, more)) => {
+                *at = now;
+                Some(std::mem::take(more))
+            }
+            None => {
+                self.peers.insert(peer.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub scheduler: SchedulerMetrics,
     pub manifests_accepted: Family<SourceLabels, Counter>,
     pub manifests_rejected: Family<RejectLabels, Counter>,
     pub peers: Gauge,
@@ -44,6 +131,22 @@ impl Metrics {
         let workloads = Gauge::default();
         let peers_rejected = Counter::default();
         let syncs = Counter::default();
+        let scheduler = SchedulerMetrics::default();
+        registry.register(
+            "scheduler_refused",
+            "Scheduler messages refused (forged, unauthorised or unbounded), by message and reason",
+            scheduler.refused.clone(),
+        );
+        registry.register(
+            "scheduler_dropped",
+            "Peers' scheduler messages dropped because the scheduler's queue was full",
+            scheduler.dropped.clone(),
+        );
+        registry.register(
+            "scheduler_fetches",
+            "Manifests fetched because a scheduler message named a generation not verified here",
+            scheduler.fetches.clone(),
+        );
         registry.register(
             "manifests_accepted",
             "Signed manifests verified and stored, by source",
@@ -72,6 +175,7 @@ impl Metrics {
         );
         Self {
             registry,
+            scheduler,
             manifests_accepted,
             manifests_rejected,
             peers,
@@ -111,5 +215,40 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_always_and_logged_once_per_peer_and_period() {
+        let mut log = RefusalLog::default();
+        assert_eq!(log.due("a"), Some(0));
+        assert_eq!(log.due("a"), None);
+        assert_eq!(log.due("a"), None);
+        assert_eq!(log.due("b"), Some(0), "another peer is logged");
+        // The period has passed for "a": logged, with the two it held back.
+        if let Some(e) = log.peers.get_mut("a") {
+            e.0 -= REFUSAL_LOG_EVERY;
+        }
+        assert_eq!(log.due("a"), Some(2));
+        // Bounded: peers beyond the limit are counted, not logged or remembered.
+        for i in 0..REFUSAL_LOG_PEERS {
+            log.due(&format!("p{i}"));
+        }
+        assert!(log.peers.len() <= REFUSAL_LOG_PEERS);
+        let m = SchedulerMetrics::default();
+        m.refused("x", "report", "bad_award");
+        m.refused("x", "report", "bad_award");
+        let n = m
+            .refused
+            .get_or_create(&RefusalLabels {
+                message: "report".into(),
+                reason: "bad_award".into(),
+            })
+            .get();
+        assert_eq!(n, 2);
     }
 }

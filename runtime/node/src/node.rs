@@ -166,7 +166,7 @@ impl Shared {
         match &result {
             Ok((Outcome::Accepted, e)) => {
                 if let Some(spec) = placement::spec_of(e) {
-                    self.placement.input(Input::Workload(spec));
+                    self.placement.input(Input::Workload(spec)).await;
                 }
                 self.metrics.accepted(source);
                 self.metrics.workloads.set(self.store().len() as i64);
@@ -380,6 +380,7 @@ pub async fn start(
     prepare_dir(&data_dir, 0o700)?;
     let keypair = beemesh_mesh::load_or_create_identity(&data_dir)?;
     let peer_id = keypair.public().to_peer_id();
+    let award_keys = Arc::new(crate::authority::PeerKeys::new(keypair.clone()));
     parsed
         .verify(&admission, &peer_id.to_base58(), (opts.clock)())
         .map_err(|e| NodeError::Config(format!("{}: {e}", ticket_file.display())))?;
@@ -418,6 +419,8 @@ pub async fn start(
                 .map(|e| Arc::new(e.manifest.clone()))
         });
     let mut tasks = Vec::new();
+    let metrics = Metrics::new();
+    let (fetch_tx, fetch_rx) = mpsc::channel(FETCH_QUEUE);
     let (placement, placement_tasks) = placement::spawn(
         placement::Context {
             local: peer_id.to_base58(),
@@ -426,25 +429,28 @@ pub async fn start(
             mesh: mesh.clone(),
             driver: driver.clone(),
             lookup,
+            keys: award_keys,
+            fetch: fetch_tx,
+            metrics: metrics.scheduler.clone(),
         },
         opts.scheduler.clone(),
         shutdown.clone(),
     );
     tasks.extend(placement_tasks);
-    placement.input(Input::NodeUp {
-        node: peer_id.to_base58(),
-        info: placement::node_info(&announcement),
-    });
-    {
+    placement
+        .input(Input::NodeUp {
+            node: peer_id.to_base58(),
+            info: placement::node_info(&announcement),
+        })
+        .await;
+    let specs: Vec<_> = {
         let store = store.lock().unwrap_or_else(|p| p.into_inner());
-        for e in store.entries() {
-            if let Some(spec) = placement::spec_of(e) {
-                placement.input(Input::Workload(spec));
-            }
-        }
+        store.entries().filter_map(placement::spec_of).collect()
+    };
+    for spec in specs {
+        placement.input(Input::Workload(spec)).await;
     }
 
-    let metrics = Metrics::new();
     metrics
         .workloads
         .set(store.lock().map(|s| s.len()).unwrap_or(0) as i64);
@@ -471,6 +477,11 @@ pub async fn start(
     tasks.push(tokio::spawn(event_loop(
         shared.clone(),
         events,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(fetch_loop(
+        shared.clone(),
+        fetch_rx,
         shutdown.clone(),
     )));
     tracing::info!(
@@ -581,14 +592,19 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
             if protocol == placement::SCHEDULER_PROTOCOL {
                 match placement::decode_message(&data) {
                     Ok(msg) => {
-                        shared.placement.input(Input::Message {
+                        shared.placement.offer(Input::Message {
                             from: peer.to_base58(),
                             msg,
                         });
                         reply.respond(Vec::new());
                     }
                     Err(e) => {
-                        tracing::warn!(%peer, "{e}");
+                        shared.metrics.scheduler.refused(
+                            &peer.to_base58(),
+                            "undecodable",
+                            "malformed",
+                        );
+                        tracing::debug!(%peer, "{e}");
                         reply.refuse(e);
                     }
                 }
@@ -623,26 +639,35 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
         MeshEvent::PeerUp { peer, announcement } => {
             tracing::info!(%peer, "peer up");
             if let Ok(a) = serde_json::from_slice::<Announcement>(&announcement) {
-                shared.placement.input(Input::NodeUp {
-                    node: peer.to_base58(),
-                    info: placement::node_info(&a),
-                });
+                shared
+                    .placement
+                    .input(Input::NodeUp {
+                        node: peer.to_base58(),
+                        info: placement::node_info(&a),
+                    })
+                    .await;
             }
             tokio::spawn(sync_with(shared.clone(), peer));
         }
         MeshEvent::PeerUpdated { peer, announcement } => {
             if let Ok(a) = serde_json::from_slice::<Announcement>(&announcement) {
-                shared.placement.input(Input::NodeUpdated {
-                    node: peer.to_base58(),
-                    info: placement::node_info(&a),
-                });
+                shared
+                    .placement
+                    .input(Input::NodeUpdated {
+                        node: peer.to_base58(),
+                        info: placement::node_info(&a),
+                    })
+                    .await;
             }
         }
         MeshEvent::PeerDown { peer } => {
             tracing::info!(%peer, "peer down");
-            shared.placement.input(Input::NodeDown {
-                node: peer.to_base58(),
-            });
+            shared
+                .placement
+                .input(Input::NodeDown {
+                    node: peer.to_base58(),
+                })
+                .await;
         }
         MeshEvent::PeerRejected { peer, reason } => {
             shared.metrics.peers_rejected.inc();
@@ -670,6 +695,45 @@ fn answer_sync(shared: &Shared, data: &[u8]) -> Result<Vec<u8>, String> {
         resp.manifests.push(e.signed_text.clone());
     }
     serde_json::to_vec(&resp).map_err(|e| e.to_string())
+}
+
+/// Manifest fetches waiting (peers named by the scheduler's `Fetch`); more are dropped.
+const FETCH_QUEUE: usize = 64;
+/// At most one fetch from the same peer in this long; fetches run one at a time.
+const FETCH_EVERY: Duration = Duration::from_secs(2);
+/// Peers remembered for [`FETCH_EVERY`].
+const FETCH_PEERS: usize = 1024;
+
+/// Syncs with the peers the scheduler names (a peer's message named a manifest generation
+/// this node has not verified), one at a time and at most once per peer every
+/// [`FETCH_EVERY`]: a peer naming unknown manifests costs the node one sync every 2 s.
+async fn fetch_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<PeerId>,
+    shutdown: CancellationToken,
+) {
+    let mut last: BTreeMap<PeerId, Instant> = BTreeMap::new();
+    loop {
+        let peer = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = rx.recv() => match p { Some(p) => p, None => break },
+        };
+        let now = Instant::now();
+        if last
+            .get(&peer)
+            .is_some_and(|t| now.duration_since(*t) < FETCH_EVERY)
+        {
+            continue;
+        }
+        if last.len() >= FETCH_PEERS {
+            last.retain(|_, t| now.duration_since(*t) < FETCH_EVERY);
+        }
+        last.insert(peer, now);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sync_with(shared.clone(), peer) => {}
+        }
+    }
 }
 
 /// Pulls what `peer` has and this node lacks (until nothing more comes).

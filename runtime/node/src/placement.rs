@@ -2,10 +2,14 @@
 //! loop that turns its decisions into replicas through the container driver.
 //!
 //! - The scheduler task is the only owner of [`Scheduler`]. Inputs (membership, desired
-//!   state, protocol messages, replica reports) arrive on a channel; it calls
+//!   state, protocol messages, replica reports) arrive on a bounded channel; it calls
 //!   `handle(input, now)` with the node's monotonic clock and carries out the outputs: protocol
-//!   messages go to peers over `/beemesh/sched/1`, `Start`/`Stop` change the set of replicas
-//!   this node must run, `Persist` writes `<data_dir>/assignments.json` atomically.
+//!   messages go to peers over `/beemesh/sched/2`, `Start`/`Stop` change the set of replicas
+//!   this node must run, `Persist` writes `<data_dir>/assignments.json` atomically, `Fetch`
+//!   asks the node for a manifest a peer's message named (anti-entropy with that peer), and
+//!   `Refused` is counted in `beemesh_scheduler_refused_total` and logged at a bounded rate.
+//! - Peers' messages are offered to the channel and dropped when it is full (the protocol's
+//!   timers recover from a lost message); local inputs wait for room.
 //! - At start the persisted assignments are restored before the mesh is consulted, so a node
 //!   that restarts without any connectivity restarts its replicas by itself.
 //! - The reconcile loop runs the driver's `reconcile` over the wanted set every few seconds
@@ -21,13 +25,14 @@ use beemesh_driver::{ContainerDriver, ReplicaSpec as DriverSpec, ReplicaState as
 use beemesh_manifest::ContentId;
 use beemesh_mesh::{MeshHandle, PeerId};
 use beemesh_scheduler::{
-    Input, LocalAssignments, Message, NodeInfo, Output, Replica, ReplicaId, Resources, Scheduler,
-    SchedulerConfig, StatusQuery, StatusReply, WorkloadId, WorkloadSpec, WorkloadStatus,
+    Authority, Input, LocalAssignments, Message, NodeInfo, Output, Replica, ReplicaId, Resources,
+    Scheduler, SchedulerConfig, StatusQuery, StatusReply, WorkloadId, WorkloadSpec, WorkloadStatus,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::Capacity;
+use crate::metrics::SchedulerMetrics;
 use crate::node::Announcement;
 use crate::store::Entry;
 
@@ -36,6 +41,8 @@ pub use beemesh_scheduler::{SCHEDULER_PROTOCOL, STATUS_PROTOCOL};
 /// How often the reconcile loop runs when nothing changes (restarts of dead replicas).
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(3);
 const ASSIGNMENTS_FILE: &str = "assignments.json";
+/// Inputs waiting for the scheduler task; peers' messages beyond this are dropped.
+pub const QUEUE: usize = 4096;
 
 type Id = String;
 
@@ -50,12 +57,27 @@ enum Command {
 /// A cloneable handle to the scheduler task.
 #[derive(Clone)]
 pub struct Placement {
-    tx: mpsc::UnboundedSender<Command>,
+    tx: mpsc::Sender<Command>,
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl Placement {
-    pub fn input(&self, input: Input<Id>) {
-        let _ = self.tx.send(Command::Input(input));
+    /// A local input (membership, desired state, the driver's reports): waits for room.
+    pub async fn input(&self, input: Input<Id>) {
+        let _ = self.tx.send(Command::Input(input)).await;
+    }
+
+    /// A peer's message: dropped (and counted) when the scheduler is behind; the protocol's
+    /// timers recover from a lost message.
+    pub fn offer(&self, input: Input<Id>) -> bool {
+        match self.tx.try_send(Command::Input(input)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.inc();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     /// Each workload's status in this node's view, with its coordinator (whom to ask when the
@@ -65,7 +87,12 @@ impl Placement {
         workloads: Vec<WorkloadId>,
     ) -> Vec<(WorkloadStatus<Id>, Option<Id>)> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Status { workloads, reply }).is_err() {
+        if self
+            .tx
+            .send(Command::Status { workloads, reply })
+            .await
+            .is_err()
+        {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -113,6 +140,11 @@ pub struct Context {
     pub driver: Arc<dyn ContainerDriver>,
     /// Finds a manifest by workload and content id in the desired-state store.
     pub lookup: Arc<Lookup>,
+    /// Signs this node's awards and checks others' (the node's identity key).
+    pub keys: Arc<dyn Authority<Id>>,
+    /// Peers to fetch manifests from (anti-entropy); full means a fetch is already due.
+    pub fetch: mpsc::Sender<PeerId>,
+    pub metrics: SchedulerMetrics,
 }
 
 /// Starts the scheduler task and the reconcile loop. `restore` replays the persisted
@@ -122,12 +154,15 @@ pub fn spawn(
     config: SchedulerConfig,
     shutdown: CancellationToken,
 ) -> (Placement, Vec<tokio::task::JoinHandle<()>>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let placement = Placement { tx };
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let placement = Placement {
+        tx,
+        dropped: ctx.metrics.dropped.clone(),
+    };
     let wanted = Arc::new(std::sync::Mutex::new(Wanted::default()));
     let changed = Arc::new(Notify::new());
     let ctx = Arc::new(ctx);
-    let sched = Scheduler::new(ctx.local.clone(), config);
+    let sched = Scheduler::new(ctx.local.clone(), config, ctx.keys.clone());
     let t1 = tokio::spawn(scheduler_task(
         sched,
         rx,
@@ -146,7 +181,7 @@ pub fn spawn(
     (placement, vec![t1, t2])
 }
 
-fn load_assignments(path: &std::path::Path) -> Option<LocalAssignments> {
+fn load_assignments(path: &std::path::Path) -> Option<LocalAssignments<Id>> {
     let bytes = std::fs::read(path).ok()?;
     match serde_json::from_slice(&bytes) {
         Ok(a) => Some(a),
@@ -162,7 +197,7 @@ fn load_assignments(path: &std::path::Path) -> Option<LocalAssignments> {
 
 async fn scheduler_task(
     mut sched: Scheduler<Id>,
-    mut rx: mpsc::UnboundedReceiver<Command>,
+    mut rx: mpsc::Receiver<Command>,
     ctx: Arc<Context>,
     wanted: Arc<std::sync::Mutex<Wanted>>,
     changed: Arc<Notify>,
@@ -238,6 +273,27 @@ fn carry_out(
                 }
                 Err(e) => tracing::error!("cannot encode assignments: {e}"),
             },
+            Output::Fetch { from, workload } => match from.parse::<PeerId>() {
+                Ok(peer) => {
+                    tracing::debug!(
+                        %peer,
+                        workload = %workload.id,
+                        generation = workload.generation,
+                        "fetching a manifest a peer's message named"
+                    );
+                    // Full: fetches are due already, and this one's message will wait or be
+                    // re-sent.
+                    if ctx.fetch.try_send(peer).is_ok() {
+                        ctx.metrics.fetches.inc();
+                    }
+                }
+                Err(_) => tracing::warn!("cannot fetch from {from:?}: not a peer id"),
+            },
+            Output::Refused {
+                from,
+                message,
+                reason,
+            } => ctx.metrics.refused(&from, message, reason.as_str()),
         }
     }
     if touched {
@@ -245,7 +301,7 @@ fn carry_out(
     }
 }
 
-fn send(ctx: &Arc<Context>, to: Id, msg: Message) {
+fn send(ctx: &Arc<Context>, to: Id, msg: Message<Id>) {
     let Ok(peer) = to.parse::<PeerId>() else {
         tracing::warn!("scheduler addressed a message to {to:?}, which is not a peer id");
         return;
@@ -253,7 +309,7 @@ fn send(ctx: &Arc<Context>, to: Id, msg: Message) {
     match &msg {
         Message::Tender(t) => tracing::debug!(
             %peer,
-            workload = %t.spec.id,
+            workload = %t.workload.id,
             round = t.round,
             wanted = t.wanted,
             "sending tender"
@@ -273,7 +329,7 @@ fn send(ctx: &Arc<Context>, to: Id, msg: Message) {
 }
 
 /// Decodes a scheduler message from a peer.
-pub fn decode_message(data: &[u8]) -> Result<Message, String> {
+pub fn decode_message(data: &[u8]) -> Result<Message<Id>, String> {
     serde_json::from_slice(data).map_err(|e| format!("malformed scheduler message: {e}"))
 }
 
@@ -385,7 +441,7 @@ async fn reconcile_loop(
                         "manifest {content} of {} is not in this node's desired state",
                         r.id.workload
                     );
-                    report(&placement, &mut reported, &r.id, Reported::Failed(reason));
+                    report(&placement, &mut reported, &r.id, Reported::Failed(reason)).await;
                 }
             }
         }
@@ -404,7 +460,7 @@ async fn reconcile_loop(
                         Err(e) => Some(Reported::Failed(e.to_string())),
                     };
                     if let Some(state) = state {
-                        report(&placement, &mut reported, id, state);
+                        report(&placement, &mut reported, id, state).await;
                     }
                 }
                 for (driver_id, result) in outcome.removed {
@@ -421,9 +477,11 @@ async fn reconcile_loop(
         // Replicas no longer wanted have been stopped by this pass.
         let now_wanted: BTreeSet<ReplicaId> = current.iter().map(|r| r.id.clone()).collect();
         for gone in running_ids.difference(&now_wanted) {
-            placement.input(Input::ReplicaStopped {
-                replica: gone.clone(),
-            });
+            placement
+                .input(Input::ReplicaStopped {
+                    replica: gone.clone(),
+                })
+                .await;
             reported.remove(gone);
         }
         running_ids = now_wanted;
@@ -435,7 +493,7 @@ async fn reconcile_loop(
     }
 }
 
-fn report(
+async fn report(
     placement: &Placement,
     reported: &mut BTreeMap<ReplicaId, Reported>,
     id: &ReplicaId,
@@ -456,6 +514,6 @@ fn report(
             }
         }
     };
-    placement.input(input);
+    placement.input(input).await;
     reported.insert(id.clone(), state);
 }

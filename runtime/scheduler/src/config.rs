@@ -39,6 +39,9 @@ pub struct SchedulerConfig {
     pub restart_min: Millis,
     pub restart_max: Millis,
     pub max_restarts: u32,
+    /// A replica accepted but not reported running for this long (starting, or failing and
+    /// restarting) is placed elsewhere: a host that takes awards and runs nothing is noticed.
+    pub start_timeout: Millis,
     /// Whether a node that sees no peer at all may place replicas it has no record of (a
     /// single-node mesh). Off by default: a node restarting without network runs what it
     /// persisted and does not take on the whole mesh's workloads.
@@ -63,6 +66,7 @@ impl Default for SchedulerConfig {
             restart_min: 1_000,
             restart_max: 30_000,
             max_restarts: 5,
+            start_timeout: 120_000,
             solo: false,
         }
     }

@@ -10,14 +10,18 @@ use std::sync::Arc;
 
 use beemesh_manifest::workload::Spread;
 
+use crate::authority::{AwardProof, Signature, award_message};
 use crate::config::backoff;
 use crate::hash::{SplitMix, mix, tiebreak};
+use crate::host::issuer_distance;
 use crate::members::node_ring;
 use crate::message::{
     Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica,
-    ReportedWorkload, Revoke, RevokeReason, SlotAward, Tender,
+    ReportedWorkload, Revoke, RevokeReason, SlotAward, Tender, WorkloadRef,
 };
-use crate::scheduler::{PlacementView, Scheduler, Timer, WorkloadStatus, workload_ring};
+use crate::scheduler::{
+    PlacementView, Refusal, Scheduler, Timer, Verified, WorkloadStatus, workload_ring,
+};
 use crate::score;
 use crate::types::{
     Millis, NodeInfo, NodeKey, ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec,
@@ -30,6 +34,12 @@ const MAX_EARLY_REPORTS: usize = 4096;
 /// A report numbered below the last one applied from its host, arriving within this long of
 /// it, was overtaken on the way; later, a lower number means the host restarted.
 const REORDER_WINDOW: Millis = 5_000;
+/// Most reports kept per host for workloads this node may soon coordinate.
+const MAX_EARLY_REPORTS_PER_SENDER: usize = 256;
+/// A claim's epoch may exceed the highest epoch this coordinator has seen for the workload
+/// by at most this much: no claim is guessed into dominance with a huge epoch, and epochs
+/// never approach overflow. Honest epochs grow by one per award round.
+pub(crate) const MAX_EPOCH_STEP: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Coord<I> {
@@ -87,12 +97,21 @@ pub(crate) struct Claim<I> {
     pub generation: u64,
     pub epoch: u64,
     pub state: ReplicaState,
+    /// The award it rests on (verified when first seen).
+    pub award: AwardProof<I>,
+    /// The award's authority: [`TIER_OWN`], [`TIER_MEMBER`] or [`TIER_SELF`].
+    pub tier: u8,
+    /// The issuer's ring distance from the workload (smaller: more authority).
+    pub distance: u64,
+    /// Not running (starting or failed) since then, as the holder reported.
+    pub not_running_since: Option<Millis>,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Pending<I> {
     pub node: I,
     pub epoch: u64,
+    pub sig: Signature,
     pub spec: Arc<WorkloadSpec>,
     pub round: u64,
     pub deadline: Millis,
@@ -123,15 +142,29 @@ impl<I: NodeKey> Open<I> {
     }
 }
 
-/// The total order on claims to one replica: newer generation, then newer epoch, then the
-/// rendezvous weight of (workload, index, node), then the node id. The greatest wins.
+/// Claims awarded by this coordinator itself.
+pub(crate) const TIER_OWN: u8 = 2;
+/// Claims awarded by another node that is, or recently was, a member (a coordinator this one
+/// took over from, or the other side's after a partition).
+pub(crate) const TIER_MEMBER: u8 = 1;
+/// Claims awarded by the claimant to itself, or by a node this one never knew as a member.
+pub(crate) const TIER_SELF: u8 = 0;
+
+/// The total order on claims to one replica: newer generation, then the award's authority
+/// (this coordinator's own, then another member's, then one a node gave itself), then the
+/// issuer nearest after the workload on the ring, then newer epoch, then the rendezvous
+/// weight of (workload, index, node), then the node id. The greatest wins. Ranking the
+/// authority before the epoch means that a node that awards itself a replica, whatever epoch
+/// it picks, never beats an award of the coordinator or of any other member.
 pub(crate) fn claim_key<I: NodeKey>(
     ring: u64,
     index: ReplicaIndex,
     c: &Claim<I>,
-) -> (u64, u64, u64, &I) {
+) -> (u64, u8, Reverse<u64>, u64, u64, &I) {
     (
         c.generation,
+        c.tier,
+        Reverse(c.distance),
         c.epoch,
         tiebreak(ring, index, node_ring(&c.node)),
         &c.node,
@@ -244,7 +277,7 @@ impl<I: NodeKey> Scheduler<I> {
         self.coords
             .insert(w.clone(), Coord::new(spec, ready_at, fresh));
         // This node's own replicas of the workload are claims like any other.
-        let own: Vec<(u64, ReportedReplica)> = self
+        let own: Vec<(WorkloadRef, ReportedReplica<I>)> = self
             .held
             .get(&w)
             .map(|slots| {
@@ -252,12 +285,13 @@ impl<I: NodeKey> Scheduler<I> {
                     .iter()
                     .map(|(&index, h)| {
                         (
-                            h.spec.generation,
+                            WorkloadRef::of(&h.spec),
                             ReportedReplica {
                                 index,
                                 epoch: h.epoch,
                                 state: h.state,
                                 relinquish: false,
+                                award: h.award.clone(),
                             },
                         )
                     })
@@ -265,8 +299,8 @@ impl<I: NodeKey> Scheduler<I> {
             })
             .unwrap_or_default();
         let local = self.local.clone();
-        for (generation, r) in own {
-            self.observe(&w, &local, generation, r, now);
+        for (r, claim) in own {
+            self.observe(&w, &local, &r, claim, now);
         }
         self.report_target.insert(w.clone(), local);
         if let Some(early) = self.early_reports.remove(&w) {
@@ -276,16 +310,15 @@ impl<I: NodeKey> Scheduler<I> {
                 if at < fresh_enough || !self.members.is_live(&from) {
                     continue;
                 }
-                let newest = groups
-                    .iter()
-                    .map(|g| g.spec.clone())
-                    .max_by_key(|s| s.generation);
-                if let Some(spec) = newest
-                    && spec.generation > self.coords.get(&w).map_or(0, |c| c.spec.generation)
-                {
-                    self.update_spec(&w, spec, now);
-                }
-                self.apply_report(&w, &from, seq, groups, now);
+                // Checked like a report arriving now: its generations must be verified here.
+                self.on_report(
+                    &from,
+                    Report {
+                        seq,
+                        workloads: groups,
+                    },
+                    now,
+                );
             }
         }
         self.drive(&w, now);
@@ -362,7 +395,7 @@ impl<I: NodeKey> Scheduler<I> {
             return;
         };
         let mut wake = Wake::default();
-        let mut outbox: Vec<(I, Message)> = Vec::new();
+        let mut outbox: Vec<(I, Message<I>)> = Vec::new();
         let keep = self.drive_coord(w, &mut c, now, &mut wake, &mut outbox);
         for (to, msg) in outbox {
             self.send(&to, msg);
@@ -404,7 +437,7 @@ impl<I: NodeKey> Scheduler<I> {
         c: &mut Coord<I>,
         now: Millis,
         wake: &mut Wake,
-        outbox: &mut Vec<(I, Message)>,
+        outbox: &mut Vec<(I, Message<I>)>,
     ) -> bool {
         let spec = c.spec.clone();
         if spec.deleted {
@@ -436,11 +469,31 @@ impl<I: NodeKey> Scheduler<I> {
         let wanted = spec.wanted();
         let mut freed = false;
 
-        // 1. Holders that vanished, awards that were not accepted.
+        // 1. Holders that vanished or never run, awards that were not accepted.
         for (&index, s) in c.slots.iter_mut() {
             if let Some(h) = &s.holder {
-                if self.members.is_live(&h.node) {
+                let stuck = h
+                    .not_running_since
+                    .map(|t| t.saturating_add(self.config.start_timeout));
+                if self.members.is_live(&h.node) && stuck.is_some_and(|t| now >= t) {
+                    // Accepted, but not running for too long: placed elsewhere. A host that
+                    // takes awards and runs nothing is noticed here.
+                    outbox.push((
+                        h.node.clone(),
+                        revoke(w, index, h.generation, h.epoch, RevokeReason::NotRunning),
+                    ));
+                    let node = h.node.clone();
+                    s.holder = None;
                     s.down_since = None;
+                    s.upgrading = false;
+                    avoid(s, node);
+                    freed = true;
+                    self.stats.rescheduled += 1;
+                } else if self.members.is_live(&h.node) {
+                    s.down_since = None;
+                    if let Some(t) = stuck {
+                        wake.at(t);
+                    }
                 } else {
                     let since = *s.down_since.get_or_insert(now);
                     let due = since.saturating_add(spec.reschedule_after);
@@ -468,10 +521,11 @@ impl<I: NodeKey> Scheduler<I> {
                             p.node.clone(),
                             Message::Award(Award {
                                 round: p.round,
-                                spec: p.spec.clone(),
+                                workload: WorkloadRef::of(&p.spec),
                                 slots: vec![SlotAward {
                                     index,
                                     epoch: p.epoch,
+                                    sig: p.sig,
                                 }],
                             }),
                         ));
@@ -607,29 +661,39 @@ impl<I: NodeKey> Scheduler<I> {
                 });
             if in_place {
                 let epoch = c.next_epoch;
-                c.next_epoch += 1;
-                s.pending = Some(Pending {
-                    node: h.node.clone(),
-                    epoch,
-                    spec: spec.clone(),
-                    round: c.round,
-                    deadline: now + self.config.award_timeout,
-                    attempts: 1,
-                });
+                c.next_epoch = c.next_epoch.saturating_add(1);
+                let node = h.node.clone();
+                let award = self.award(&spec, index, epoch, &node, c.round, now);
+                s.pending = Some(award.1);
                 wake.at(now + self.config.award_timeout);
-                outbox.push((
-                    h.node.clone(),
-                    Message::Award(Award {
-                        round: c.round,
-                        spec: spec.clone(),
-                        slots: vec![SlotAward { index, epoch }],
-                    }),
-                ));
+                outbox.push((node, award.0));
                 self.stats.awards += 1;
                 self.stats.replicas_awarded += 1;
             } else {
                 to_tender.push(index);
             }
+        }
+        // Replicas awarded by another coordinator (this node took the workload over) are
+        // awarded again under this node's key: afterwards no node that follows this one on
+        // the ring can outrank any of its replicas with an award of its own.
+        for (&index, s) in c.slots.iter_mut() {
+            let Some(h) = &s.holder else { continue };
+            if s.pending.is_some()
+                || h.award.issuer == self.local
+                || s.avoid.contains(&h.node)
+                || h.generation != spec.generation
+                || !self.members.is_live(&h.node)
+            {
+                continue;
+            }
+            let epoch = c.next_epoch;
+            c.next_epoch = c.next_epoch.saturating_add(1);
+            let node = h.node.clone();
+            let award = self.award(&spec, index, epoch, &node, c.round, now);
+            s.pending = Some(award.1);
+            wake.at(now + self.config.award_timeout);
+            outbox.push((node, award.0));
+            self.stats.adopted += 1;
         }
         to_tender.sort_unstable();
         to_tender.dedup();
@@ -656,7 +720,7 @@ impl<I: NodeKey> Scheduler<I> {
         c: &mut Coord<I>,
         indexes: Vec<ReplicaIndex>,
         now: Millis,
-        outbox: &mut Vec<(I, Message)>,
+        outbox: &mut Vec<(I, Message<I>)>,
     ) {
         let spec = c.spec.clone();
         c.round += 1;
@@ -719,7 +783,7 @@ impl<I: NodeKey> Scheduler<I> {
         let exhaustive = cands.len() < size;
         let tender = Tender {
             round: c.round,
-            spec: spec.clone(),
+            workload: WorkloadRef::of(&spec),
             wanted,
             hold_ms: self.config.hold,
         };
@@ -745,7 +809,7 @@ impl<I: NodeKey> Scheduler<I> {
         w: &WorkloadId,
         c: &mut Coord<I>,
         now: Millis,
-        outbox: &mut Vec<(I, Message)>,
+        outbox: &mut Vec<(I, Message<I>)>,
     ) {
         let Some(t) = c.tender.take() else { return };
         let spec = c.spec.clone();
@@ -780,34 +844,57 @@ impl<I: NodeKey> Scheduler<I> {
             node: &'a I,
             left: u32,
             free: Resources,
-            bid: &'a Bid,
+            allocatable: Resources,
+            preferred: u32,
             weight: u64,
         }
-        let mut cands: Vec<Cand<'_, I>> = t
+        // Bids are scored from what the bidders announced in membership, not from the bids'
+        // own numbers: a bid counts at most the announced allocatable minus what this
+        // coordinator already placed there, and a node that holds all it announced gets
+        // nothing more.
+        let bidders: BTreeSet<&I> = t
             .answers
             .iter()
-            .filter_map(|(node, a)| match a {
-                Answer::Bid(b)
-                    if b.generation == t.generation
-                        && b.slots > 0
-                        && self.members.is_live(node)
-                        && !occupied.contains(node) =>
-                {
-                    Some(Cand {
-                        node,
-                        left: if spec.spread == Spread::Node {
-                            1
-                        } else {
-                            b.slots
-                        },
-                        free: b.free,
-                        bid: b,
-                        weight: tiebreak(c.ring, 0, node_ring(node)),
-                    })
-                }
-                _ => None,
-            })
+            .filter(|(_, a)| matches!(a, Answer::Bid(_)))
+            .map(|(n, _)| n)
             .collect();
+        let load = self.load_on(&bidders, c);
+        let mut over: Vec<I> = Vec::new();
+        let mut cands: Vec<Cand<'_, I>> = Vec::new();
+        for (node, a) in &t.answers {
+            let Answer::Bid(b) = a else { continue };
+            if b.generation != t.generation
+                || b.slots == 0
+                || occupied.contains(node)
+                || !self.members.is_live(node)
+            {
+                continue;
+            }
+            let Some(info) = self.members.info(node) else {
+                continue;
+            };
+            let held = load.get(node).copied().unwrap_or(Resources::ZERO);
+            let room = info.allocatable.saturating_sub(&held);
+            if !spec.resources.fits_in(&room) {
+                over.push(node.clone());
+                continue;
+            }
+            cands.push(Cand {
+                node,
+                left: if spec.spread == Spread::Node {
+                    1
+                } else {
+                    b.slots
+                },
+                free: Resources {
+                    cpu: b.free.cpu.min(room.cpu),
+                    memory: b.free.memory.min(room.memory),
+                },
+                allocatable: info.allocatable,
+                preferred: spec.preferred(&info.labels),
+                weight: tiebreak(c.ring, 0, node_ring(node)),
+            });
+        }
         let prefer_total = spec.prefer.len();
         let mut winners: BTreeMap<I, Vec<ReplicaIndex>> = BTreeMap::new();
         for &index in &need {
@@ -818,14 +905,14 @@ impl<I: NodeKey> Scheduler<I> {
                 .max_by(|a, b| {
                     let sa = score(
                         &a.free.saturating_sub(&spec.resources),
-                        &a.bid.allocatable,
-                        a.bid.preferred,
+                        &a.allocatable,
+                        a.preferred,
                         prefer_total,
                     );
                     let sb = score(
                         &b.free.saturating_sub(&spec.resources),
-                        &b.bid.allocatable,
-                        b.bid.preferred,
+                        &b.allocatable,
+                        b.preferred,
                         prefer_total,
                     );
                     (sa, a.weight, Reverse(a.node)).cmp(&(sb, b.weight, Reverse(b.node)))
@@ -835,12 +922,23 @@ impl<I: NodeKey> Scheduler<I> {
             k.free = k.free.saturating_sub(&spec.resources);
             winners.entry(k.node.clone()).or_default().push(index);
         }
+        drop(cands);
+        for node in over {
+            self.refuse(&node, "bid", Refusal::OverCapacity);
+        }
         let placed: usize = winners.values().map(Vec::len).sum();
         if placed > 0 {
             let epoch = c.next_epoch;
-            c.next_epoch += 1;
+            c.next_epoch = c.next_epoch.saturating_add(1);
             for (node, idxs) in &winners {
+                let mut slots = Vec::with_capacity(idxs.len());
                 for &index in idxs {
+                    let (_, pending) = self.award(&spec, index, epoch, node, t.round, now);
+                    slots.push(SlotAward {
+                        index,
+                        epoch,
+                        sig: pending.sig,
+                    });
                     let s = c.slots.entry(index).or_default();
                     if s.holder
                         .as_ref()
@@ -848,24 +946,14 @@ impl<I: NodeKey> Scheduler<I> {
                     {
                         s.upgrading = true;
                     }
-                    s.pending = Some(Pending {
-                        node: node.clone(),
-                        epoch,
-                        spec: spec.clone(),
-                        round: t.round,
-                        deadline: now + self.config.award_timeout,
-                        attempts: 1,
-                    });
+                    s.pending = Some(pending);
                 }
                 outbox.push((
                     node.clone(),
                     Message::Award(Award {
                         round: t.round,
-                        spec: spec.clone(),
-                        slots: idxs
-                            .iter()
-                            .map(|&index| SlotAward { index, epoch })
-                            .collect(),
+                        workload: WorkloadRef::of(&spec),
+                        slots,
                     }),
                 ));
             }
@@ -1033,12 +1121,79 @@ impl<I: NodeKey> Scheduler<I> {
         self.drive(&r.workload, now);
     }
 
-    /// A host's report: adopt, update or revoke each claim.
-    pub(crate) fn on_report(&mut self, from: &I, r: Report, now: Millis) {
+    /// Signs an award of one slot and returns the message and the pending record.
+    pub(crate) fn award(
+        &self,
+        spec: &Arc<WorkloadSpec>,
+        index: ReplicaIndex,
+        epoch: u64,
+        host: &I,
+        round: u64,
+        now: Millis,
+    ) -> (Message<I>, Pending<I>) {
+        let m = award_message(
+            &spec.id,
+            spec.generation,
+            &spec.content,
+            index,
+            epoch,
+            host,
+            &self.local,
+        );
+        let sig = self.keys.0.sign(&m);
+        let msg = Message::Award(Award {
+            round,
+            workload: WorkloadRef::of(spec),
+            slots: vec![SlotAward { index, epoch, sig }],
+        });
+        let pending = Pending {
+            node: host.clone(),
+            epoch,
+            sig,
+            spec: spec.clone(),
+            round,
+            deadline: now + self.config.award_timeout,
+            attempts: 1,
+        };
+        (msg, pending)
+    }
+
+    /// What this coordinator has placed on each of `nodes` (held or awarded), over every
+    /// workload it coordinates, `current` (taken out of the table while it is driven)
+    /// included.
+    fn load_on(&self, nodes: &BTreeSet<&I>, current: &Coord<I>) -> BTreeMap<I, Resources> {
+        let mut load: BTreeMap<I, Resources> = BTreeMap::new();
+        if nodes.is_empty() {
+            return load;
+        }
+        for c in self.coords.values().chain(std::iter::once(current)) {
+            let per = c.spec.resources;
+            for s in c.slots.values() {
+                let holder = s.holder.as_ref().map(|h| &h.node);
+                let pending = s.pending.as_ref().map(|p| &p.node);
+                for node in [holder, pending.filter(|p| Some(*p) != holder)]
+                    .into_iter()
+                    .flatten()
+                {
+                    if nodes.contains(node) {
+                        let l = load.entry(node.clone()).or_insert(Resources::ZERO);
+                        *l = l.saturating_add(&per);
+                    }
+                }
+            }
+        }
+        load
+    }
+
+    /// A host's report: check each claim's award, then adopt, update or revoke it.
+    pub(crate) fn on_report(&mut self, from: &I, r: Report<I>, now: Millis) {
         // Per workload, the report lists every replica the host holds (by generation).
-        let mut by_workload: BTreeMap<WorkloadId, Vec<ReportedWorkload>> = BTreeMap::new();
+        let mut by_workload: BTreeMap<WorkloadId, Vec<ReportedWorkload<I>>> = BTreeMap::new();
         for rw in r.workloads {
-            by_workload.entry(rw.spec.id.clone()).or_default().push(rw);
+            by_workload
+                .entry(rw.workload.id.clone())
+                .or_default()
+                .push(rw);
         }
         for (w, groups) in by_workload {
             if self.coordinator(&w).is_none_or(|c| c != self.local) {
@@ -1046,7 +1201,13 @@ impl<I: NodeKey> Scheduler<I> {
                 // before ours and we are about to take over. Keep the report (bounded, for
                 // one report interval) and replay it then; if we never take over, it expires
                 // and the host's periodic report finds the right coordinator.
-                if self.early_count < MAX_EARLY_REPORTS {
+                let mine = self
+                    .early_reports
+                    .values()
+                    .flatten()
+                    .filter(|e| &e.0 == from)
+                    .count();
+                if self.early_count < MAX_EARLY_REPORTS && mine < MAX_EARLY_REPORTS_PER_SENDER {
                     self.early_count += 1;
                     self.early_reports.entry(w).or_default().push((
                         from.clone(),
@@ -1057,25 +1218,48 @@ impl<I: NodeKey> Scheduler<I> {
                 }
                 continue;
             }
-            let Some(reported) = groups
+            // Every generation named must be verified here: a newer one waits for its
+            // manifest (fetched from the reporter), one that differs from the verified
+            // manifest is refused. Claims on older generations need no spec: they are
+            // replaced by the rollout.
+            let newest = groups
                 .iter()
-                .map(|g| g.spec.clone())
-                .max_by_key(|s| s.generation)
-            else {
+                .map(|g| &g.workload)
+                .max_by_key(|g| g.generation)
+                .cloned();
+            let Some(newest) = newest else { continue };
+            let known = self.desired.get(&w).map(|d| d.generation);
+            if known.is_none_or(|g| newest.generation > g) {
+                let msg = Message::Report(Report {
+                    seq: r.seq,
+                    workloads: groups,
+                });
+                self.defer(from, newest, msg, now);
+                continue;
+            }
+            let mut groups = groups;
+            let before = groups.len();
+            groups.retain(|g| {
+                !matches!(self.verified(&g.workload), Verified::Mismatch)
+                    || self
+                        .desired
+                        .get(&w)
+                        .is_some_and(|d| g.workload.generation < d.generation)
+            });
+            for _ in groups.len()..before {
+                self.refuse(from, "report", Refusal::ContentMismatch);
+            }
+            let Some(spec) = self.desired.get(&w).cloned() else {
                 continue;
             };
-            let newest = match self.desired.get(&w) {
-                Some(d) if d.generation >= reported.generation => d.clone(),
-                _ => reported,
-            };
-            if !self.coords.contains_key(&w) {
-                if newest.deleted {
+            if spec.deleted {
+                if !self.coords.contains_key(&w) {
                     for g in &groups {
                         for rr in &g.replicas {
                             let msg = revoke(
                                 &w,
                                 rr.index,
-                                g.spec.generation,
+                                g.workload.generation,
                                 rr.epoch,
                                 RevokeReason::NotWanted,
                             );
@@ -1084,13 +1268,8 @@ impl<I: NodeKey> Scheduler<I> {
                     }
                     continue;
                 }
-                self.gain(newest, false, now);
-            } else if self
-                .coords
-                .get(&w)
-                .is_some_and(|c| newest.generation > c.spec.generation)
-            {
-                self.update_spec(&w, newest, now);
+            } else if !self.coords.contains_key(&w) {
+                self.gain(spec, false, now);
             }
             self.apply_report(&w, from, r.seq, groups, now);
             self.drive(&w, now);
@@ -1105,7 +1284,7 @@ impl<I: NodeKey> Scheduler<I> {
         w: &WorkloadId,
         from: &I,
         seq: u64,
-        groups: Vec<ReportedWorkload>,
+        groups: Vec<ReportedWorkload<I>>,
         now: Millis,
     ) {
         let Some(c) = self.coords.get_mut(w) else {
@@ -1138,32 +1317,79 @@ impl<I: NodeKey> Scheduler<I> {
         }
         for g in groups {
             for rr in g.replicas {
-                self.observe(w, from, g.spec.generation, rr, now);
+                self.observe(w, from, &g.workload, rr, now);
             }
         }
     }
 
-    /// One claim from `from` on replica `r.index` of generation `generation`.
+    /// Whether a claim's award is one this coordinator can count: signed by a node that is or
+    /// was a member, for exactly this host, slot, epoch and generation, with an epoch within
+    /// bounds. A claim identical to what the table already holds (or to the award this node
+    /// issued and is waiting on) was checked before.
+    fn check_award(
+        &self,
+        c: &Coord<I>,
+        from: &I,
+        r: &WorkloadRef,
+        rr: &ReportedReplica<I>,
+    ) -> Result<(), Refusal> {
+        let s = c.slots.get(&rr.index);
+        let known = s.is_some_and(|s| {
+            s.holder.as_ref().is_some_and(|h| {
+                &h.node == from
+                    && h.generation == r.generation
+                    && h.epoch == rr.epoch
+                    && h.award == rr.award
+            }) || s.pending.as_ref().is_some_and(|p| {
+                &p.node == from
+                    && p.spec.generation == r.generation
+                    && p.epoch == rr.epoch
+                    && rr.award.issuer == self.local
+                    && p.sig == rr.award.sig
+            })
+        });
+        if known {
+            return Ok(());
+        }
+        let highest = c.next_epoch.saturating_sub(1);
+        if rr.epoch > highest.saturating_add(MAX_EPOCH_STEP) {
+            return Err(Refusal::EpochOutOfBounds);
+        }
+        let m = award_message(
+            &r.id,
+            r.generation,
+            &r.content,
+            rr.index,
+            rr.epoch,
+            from,
+            &rr.award.issuer,
+        );
+        if !self.keys.0.verify(&rr.award.issuer, &m, &rr.award.sig) {
+            return Err(Refusal::BadAward);
+        }
+        Ok(())
+    }
+
+    /// One claim from `from` on replica `rr.index` of generation `r`.
     pub(crate) fn observe(
         &mut self,
         w: &WorkloadId,
         from: &I,
-        generation: u64,
-        r: ReportedReplica,
-        _now: Millis,
+        r: &WorkloadRef,
+        rr: ReportedReplica<I>,
+        now: Millis,
     ) {
-        let Some(c) = self.coords.get_mut(w) else {
+        let Some(c) = self.coords.get(w) else {
             return;
         };
-        c.next_epoch = c.next_epoch.max(r.epoch.saturating_add(1));
-        let wanted = c.spec.wanted();
-        let current = c.spec.generation;
-        let ring = c.ring;
-        let mut outbox: Vec<(I, Message)> = Vec::new();
-        if r.relinquish {
-            if let Some(s) = c.slots.get_mut(&r.index) {
+        let generation = r.generation;
+        if rr.relinquish {
+            let Some(c) = self.coords.get_mut(w) else {
+                return;
+            };
+            if let Some(s) = c.slots.get_mut(&rr.index) {
                 if s.holder.as_ref().is_some_and(|h| {
-                    &h.node == from && h.generation == generation && h.epoch == r.epoch
+                    &h.node == from && h.generation == generation && h.epoch == rr.epoch
                 }) {
                     s.holder = None;
                     s.down_since = None;
@@ -1174,38 +1400,98 @@ impl<I: NodeKey> Scheduler<I> {
             }
             return;
         }
-        if c.spec.deleted || r.index >= wanted || generation > current {
-            // Not wanted (or a generation this coordinator cannot judge yet: it has updated
-            // its spec from the report before calling, so this means a tombstone won).
-            if c.spec.deleted || r.index >= wanted {
+        let tier = if rr.award.issuer == self.local {
+            TIER_OWN
+        } else if &rr.award.issuer != from && self.known_issuer(&rr.award.issuer) {
+            TIER_MEMBER
+        } else {
+            TIER_SELF
+        };
+        // A claim a node awarded itself fills a replica only while this coordinator rebuilds
+        // its table after taking the workload over (an honest former coordinator's own
+        // replica); afterwards vacant replicas are filled by this coordinator's tenders.
+        let checked = self.check_award(c, from, r, &rr).and_then(|()| {
+            let holds = c
+                .slots
+                .get(&rr.index)
+                .and_then(|s| s.holder.as_ref())
+                .is_some_and(|h| &h.node == from);
+            if tier == TIER_SELF && !holds && now >= c.ready_at {
+                Err(Refusal::SelfAward)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reason) = checked {
+            // Not a claim this coordinator counts: the host is told to stop it (an honest
+            // host whose award cannot be proven any more runs it nowhere unaccounted).
+            self.refuse(from, "report", reason);
+            self.send(
+                from,
+                revoke(w, rr.index, generation, rr.epoch, RevokeReason::Conflict),
+            );
+            return;
+        }
+        let Some(c) = self.coords.get_mut(w) else {
+            return;
+        };
+        c.next_epoch = c.next_epoch.max(rr.epoch.saturating_add(1));
+        let wanted = c.spec.wanted();
+        let current = c.spec.generation;
+        let ring = c.ring;
+        let mut outbox: Vec<(I, Message<I>)> = Vec::new();
+        if c.spec.deleted || rr.index >= wanted || generation > current {
+            // Not wanted (or a generation this coordinator cannot judge yet: the report was
+            // deferred until verified, so this means a tombstone won).
+            if c.spec.deleted || rr.index >= wanted {
                 outbox.push((
                     from.clone(),
-                    revoke(w, r.index, generation, r.epoch, RevokeReason::NotWanted),
+                    revoke(w, rr.index, generation, rr.epoch, RevokeReason::NotWanted),
                 ));
             }
         } else {
+            let running = rr.state == ReplicaState::Running;
             let claim = Claim {
                 node: from.clone(),
                 generation,
-                epoch: r.epoch,
-                state: r.state,
+                epoch: rr.epoch,
+                state: rr.state,
+                tier,
+                distance: issuer_distance(ring, &rr.award.issuer),
+                award: rr.award,
+                not_running_since: (!running).then_some(now),
             };
-            let s = c.slots.entry(r.index).or_default();
-            if s.pending.as_ref().is_some_and(|p| {
-                &p.node == from && p.epoch == r.epoch && p.spec.generation == generation
-            }) {
+            let s = c.slots.entry(rr.index).or_default();
+            // The host holds the slot at the generation its award named: whichever award it
+            // kept, the award is settled.
+            if s.pending
+                .as_ref()
+                .is_some_and(|p| &p.node == from && p.spec.generation == generation)
+            {
                 s.pending = None;
             }
             match &mut s.holder {
                 None => s.holder = Some(claim),
                 Some(h) if &h.node == from => {
-                    if (generation, r.epoch) >= (h.generation, h.epoch) {
+                    // The host says which award it keeps (it takes the current coordinator's):
+                    // only an older generation or epoch from the same issuer is stale.
+                    let stale = generation < h.generation
+                        || (generation == h.generation
+                            && claim.award.issuer == h.award.issuer
+                            && rr.epoch < h.epoch);
+                    if !stale {
+                        let since = if running {
+                            None
+                        } else {
+                            h.not_running_since.or(Some(now))
+                        };
                         *h = claim;
+                        h.not_running_since = since;
                         s.down_since = None;
                     }
                 }
                 Some(h) => {
-                    if claim_key(ring, r.index, &claim) > claim_key(ring, r.index, h) {
+                    if claim_key(ring, rr.index, &claim) > claim_key(ring, rr.index, h) {
                         let reason = if generation > h.generation {
                             RevokeReason::Replaced
                         } else {
@@ -1213,14 +1499,14 @@ impl<I: NodeKey> Scheduler<I> {
                         };
                         outbox.push((
                             h.node.clone(),
-                            revoke(w, r.index, h.generation, h.epoch, reason),
+                            revoke(w, rr.index, h.generation, h.epoch, reason),
                         ));
                         *h = claim;
                         s.down_since = None;
                     } else {
                         outbox.push((
                             from.clone(),
-                            revoke(w, r.index, generation, r.epoch, RevokeReason::Conflict),
+                            revoke(w, rr.index, generation, rr.epoch, RevokeReason::Conflict),
                         ));
                     }
                     self.stats.conflicts_resolved += 1;
@@ -1266,13 +1552,13 @@ fn avoid<I: NodeKey>(s: &mut Slot<I>, node: I) {
     }
 }
 
-fn revoke(
+fn revoke<I>(
     w: &WorkloadId,
     index: ReplicaIndex,
     generation: u64,
     epoch: u64,
     reason: RevokeReason,
-) -> Message {
+) -> Message<I> {
     Message::Revoke(Revoke {
         workload: w.clone(),
         index,

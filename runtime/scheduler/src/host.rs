@@ -7,25 +7,51 @@ use std::sync::Arc;
 
 use beemesh_manifest::workload::Spread;
 
+use crate::authority::{AwardProof, Signature};
 use crate::config::backoff;
+use crate::members::node_ring;
 use crate::message::{
     Award, Bid, Decline, DeclineReason, Message, Refuse, Report, ReportedReplica, ReportedWorkload,
-    Revoke, SlotAward, Tender,
+    Revoke, SlotEpoch, Tender, WorkloadRef,
 };
-use crate::scheduler::{LocalAssignments, Output, Scheduler, Timer};
+use crate::scheduler::{LocalAssignments, Output, Refusal, Scheduler, Timer, Verified};
 use crate::score;
 use crate::types::{
     Millis, NodeKey, ReplicaId, ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec,
 };
 
+/// Most open reservations (bids awaiting award or release) for one coordinator, and in all.
+pub(crate) const MAX_RESERVATIONS_PER_SENDER: usize = 256;
+pub(crate) const MAX_RESERVATIONS: usize = 4096;
+
 /// A replica this node runs.
 #[derive(Debug, Clone)]
-pub(crate) struct Held {
+pub(crate) struct Held<I> {
     pub spec: Arc<WorkloadSpec>,
     pub epoch: u64,
+    /// The award this replica rests on (presented in every report).
+    pub award: AwardProof<I>,
     pub state: ReplicaState,
     pub failures: u32,
     pub restart_at: Option<Millis>,
+}
+
+impl<I: NodeKey> Held<I> {
+    fn claim(&self, index: ReplicaIndex, relinquish: bool) -> ReportedReplica<I> {
+        ReportedReplica {
+            index,
+            epoch: self.epoch,
+            state: self.state,
+            relinquish,
+            award: self.award.clone(),
+        }
+    }
+}
+
+/// How far `issuer` sits after the workload on the ring (its coordinator is the live node
+/// nearest after it): the smaller, the more authority its awards carry.
+pub(crate) fn issuer_distance<I: NodeKey>(workload_ring: u64, issuer: &I) -> u64 {
+    node_ring(issuer).wrapping_sub(workload_ring)
 }
 
 /// Capacity held for an open bid.
@@ -55,11 +81,7 @@ impl<I: NodeKey> Scheduler<I> {
     }
 
     pub(crate) fn on_tender(&mut self, from: &I, t: Tender, now: Millis) {
-        let spec = t.spec;
-        let w = spec.id.clone();
-        if spec.deleted {
-            return;
-        }
+        let w = t.workload.id.clone();
         let decline = |reason| {
             Message::Decline(Decline {
                 round: t.round,
@@ -67,16 +89,32 @@ impl<I: NodeKey> Scheduler<I> {
                 reason,
             })
         };
-        if !self.local_known {
-            self.send(from, decline(DeclineReason::NotReady));
+        if !self.may_command(from, &w, now) {
+            self.refuse(from, "tender", Refusal::NotCoordinator);
+            self.send(from, decline(DeclineReason::NotCoordinator));
             return;
         }
-        if self
-            .desired
-            .get(&w)
-            .is_some_and(|d| d.generation > spec.generation)
-        {
-            self.send(from, decline(DeclineReason::Stale));
+        let spec = match self.verified(&t.workload) {
+            Verified::Yes(spec) => spec,
+            Verified::Stale => {
+                self.send(from, decline(DeclineReason::Stale));
+                return;
+            }
+            Verified::Mismatch => {
+                self.refuse(from, "tender", Refusal::ContentMismatch);
+                return;
+            }
+            Verified::Unknown => {
+                let r = t.workload.clone();
+                self.defer(from, r, Message::Tender(t), now);
+                return;
+            }
+        };
+        if spec.deleted {
+            return;
+        }
+        if !self.local_known {
+            self.send(from, decline(DeclineReason::NotReady));
             return;
         }
         let Some(info) = self.members.info(&self.local).cloned() else {
@@ -98,6 +136,14 @@ impl<I: NodeKey> Scheduler<I> {
                 old.expires,
                 Timer::Reservation(key.0.clone(), key.1.clone(), key.2),
             );
+        }
+        // Open bids hold real capacity: bounded per coordinator and in all.
+        let per_sender = self.reservations.keys().filter(|k| &k.0 == from).count();
+        if per_sender >= MAX_RESERVATIONS_PER_SENDER || self.reservations.len() >= MAX_RESERVATIONS
+        {
+            self.refuse(from, "tender", Refusal::TooManyReservations);
+            self.send(from, decline(DeclineReason::Busy));
+            return;
         }
         let free = self.free();
         let cap = if spec.spread == Spread::Node {
@@ -143,26 +189,48 @@ impl<I: NodeKey> Scheduler<I> {
         self.send(from, Message::Bid(bid));
     }
 
-    pub(crate) fn on_award(&mut self, from: &I, a: Award, _now: Millis) {
-        let spec = a.spec;
-        let w = spec.id.clone();
-        if spec.deleted || a.slots.is_empty() {
+    pub(crate) fn on_award(&mut self, from: &I, a: Award, now: Millis) {
+        let w = a.workload.id.clone();
+        if a.slots.is_empty() {
             return;
         }
         let refuse_all = |reason| {
             Message::Refuse(Refuse {
                 workload: w.clone(),
-                generation: spec.generation,
-                slots: a.slots.clone(),
+                generation: a.workload.generation,
+                slots: a
+                    .slots
+                    .iter()
+                    .map(|s| SlotEpoch {
+                        index: s.index,
+                        epoch: s.epoch,
+                    })
+                    .collect(),
                 reason,
             })
         };
-        if self
-            .desired
-            .get(&w)
-            .is_some_and(|d| d.generation > spec.generation)
-        {
-            self.send(from, refuse_all(DeclineReason::Stale));
+        if !self.may_command(from, &w, now) {
+            self.refuse(from, "award", Refusal::NotCoordinator);
+            self.send(from, refuse_all(DeclineReason::NotCoordinator));
+            return;
+        }
+        let spec = match self.verified(&a.workload) {
+            Verified::Yes(spec) => spec,
+            Verified::Stale => {
+                self.send(from, refuse_all(DeclineReason::Stale));
+                return;
+            }
+            Verified::Mismatch => {
+                self.refuse(from, "award", Refusal::ContentMismatch);
+                return;
+            }
+            Verified::Unknown => {
+                let r = a.workload.clone();
+                self.defer(from, r, Message::Award(a), now);
+                return;
+            }
+        };
+        if spec.deleted {
             return;
         }
         let selects = self
@@ -179,22 +247,37 @@ impl<I: NodeKey> Scheduler<I> {
             self.disarm(r.expires, Timer::Reservation(key.0, key.1, key.2));
         }
         let mut accepted = false;
-        let mut refused: Vec<SlotAward> = Vec::new();
+        let mut refused: Vec<SlotEpoch> = Vec::new();
         let mut reason = DeclineReason::Other;
         for sa in a.slots {
             let free = self.free();
+            let award = AwardProof {
+                issuer: from.clone(),
+                sig: sa.sig,
+            };
+            let slot = SlotEpoch {
+                index: sa.index,
+                epoch: sa.epoch,
+            };
             let slots = self.held.entry(w.clone()).or_default();
             match slots.get_mut(&sa.index) {
                 Some(h) if h.spec.generation == spec.generation => {
-                    // A repeated award, or a newer epoch for what already runs: no restart.
-                    if sa.epoch > h.epoch {
+                    // A repeated award, a newer epoch for what already runs, or the current
+                    // coordinator taking the replica over under its own award: no restart.
+                    let newer = if h.award.issuer == *from {
+                        sa.epoch > h.epoch
+                    } else {
+                        (h.award.sig, h.epoch) != (sa.sig, sa.epoch)
+                    };
+                    if newer {
                         h.epoch = sa.epoch;
+                        h.award = award;
                         self.persist_dirty = true;
                     }
                     accepted = true;
                 }
                 Some(h) if h.spec.generation > spec.generation => {
-                    refused.push(sa);
+                    refused.push(slot);
                     reason = DeclineReason::Stale;
                 }
                 Some(h) => {
@@ -205,6 +288,7 @@ impl<I: NodeKey> Scheduler<I> {
                         *h = Held {
                             spec: spec.clone(),
                             epoch: sa.epoch,
+                            award,
                             state: ReplicaState::Starting,
                             failures: 0,
                             restart_at: None,
@@ -216,13 +300,13 @@ impl<I: NodeKey> Scheduler<I> {
                         self.persist_dirty = true;
                         accepted = true;
                     } else {
-                        refused.push(sa);
+                        refused.push(slot);
                         reason = DeclineReason::Capacity { free: room };
                     }
                 }
                 None => {
                     if spec.spread == Spread::Node && !slots.is_empty() {
-                        refused.push(sa);
+                        refused.push(slot);
                         reason = DeclineReason::AlreadyHosts;
                     } else if spec.resources.fits_in(&free) {
                         slots.insert(
@@ -230,6 +314,7 @@ impl<I: NodeKey> Scheduler<I> {
                             Held {
                                 spec: spec.clone(),
                                 epoch: sa.epoch,
+                                award,
                                 state: ReplicaState::Starting,
                                 failures: 0,
                                 restart_at: None,
@@ -241,7 +326,7 @@ impl<I: NodeKey> Scheduler<I> {
                         self.persist_dirty = true;
                         accepted = true;
                     } else {
-                        refused.push(sa);
+                        refused.push(slot);
                         reason = DeclineReason::Capacity { free };
                     }
                 }
@@ -268,7 +353,14 @@ impl<I: NodeKey> Scheduler<I> {
 
     /// Stops a claim that lost, only if it is exactly the claim named (a stale revoke never
     /// stops a newer award).
-    pub(crate) fn on_revoke(&mut self, from: &I, r: &Revoke) {
+    pub(crate) fn on_revoke(&mut self, from: &I, r: &Revoke, now: Millis) {
+        if !self.held.contains_key(&r.workload) {
+            return;
+        }
+        if !self.may_command(from, &r.workload, now) {
+            self.refuse(from, "revoke", Refusal::NotCoordinator);
+            return;
+        }
         let Some(slots) = self.held.get_mut(&r.workload) else {
             return;
         };
@@ -294,7 +386,7 @@ impl<I: NodeKey> Scheduler<I> {
             let mut workloads = self.reported(&r.workload);
             if workloads.is_empty() {
                 workloads.push(ReportedWorkload {
-                    spec: h.spec.clone(),
+                    workload: WorkloadRef::of(&h.spec),
                     replicas: Vec::new(),
                 });
             }
@@ -307,7 +399,7 @@ impl<I: NodeKey> Scheduler<I> {
         }
     }
 
-    fn held_mut(&mut self, id: &ReplicaId) -> Option<&mut Held> {
+    fn held_mut(&mut self, id: &ReplicaId) -> Option<&mut Held<I>> {
         self.held
             .get_mut(&id.workload)
             .and_then(|s| s.get_mut(&id.index))
@@ -373,19 +465,15 @@ impl<I: NodeKey> Scheduler<I> {
         });
         self.persist_dirty = true;
         let mut workloads = self.reported(&id.workload);
-        let given_back = ReportedReplica {
-            index: id.index,
-            epoch: h.epoch,
-            state: ReplicaState::Failed,
-            relinquish: true,
-        };
+        let mut given_back = h.claim(id.index, true);
+        given_back.state = ReplicaState::Failed;
         match workloads
             .iter_mut()
-            .find(|rw| rw.spec.generation == h.spec.generation)
+            .find(|rw| rw.workload.generation == h.spec.generation)
         {
             Some(rw) => rw.replicas.push(given_back),
             None => workloads.push(ReportedWorkload {
-                spec: h.spec.clone(),
+                workload: WorkloadRef::of(&h.spec),
                 replicas: vec![given_back],
             }),
         }
@@ -414,23 +502,18 @@ impl<I: NodeKey> Scheduler<I> {
     }
 
     /// What this node holds of one workload, as report entries (one per generation held).
-    fn reported(&self, w: &WorkloadId) -> Vec<ReportedWorkload> {
-        let mut by_gen: BTreeMap<u64, ReportedWorkload> = BTreeMap::new();
+    fn reported(&self, w: &WorkloadId) -> Vec<ReportedWorkload<I>> {
+        let mut by_gen: BTreeMap<u64, ReportedWorkload<I>> = BTreeMap::new();
         if let Some(slots) = self.held.get(w) {
             for (&index, h) in slots {
                 by_gen
                     .entry(h.spec.generation)
                     .or_insert_with(|| ReportedWorkload {
-                        spec: h.spec.clone(),
+                        workload: WorkloadRef::of(&h.spec),
                         replicas: Vec::new(),
                     })
                     .replicas
-                    .push(ReportedReplica {
-                        index,
-                        epoch: h.epoch,
-                        state: h.state,
-                        relinquish: false,
-                    });
+                    .push(h.claim(index, false));
             }
         }
         by_gen.into_values().collect()
@@ -462,7 +545,7 @@ impl<I: NodeKey> Scheduler<I> {
     }
 
     fn send_reports(&mut self, ws: Vec<WorkloadId>) {
-        let mut by_target: BTreeMap<I, Vec<ReportedWorkload>> = BTreeMap::new();
+        let mut by_target: BTreeMap<I, Vec<ReportedWorkload<I>>> = BTreeMap::new();
         for w in ws {
             let Some(t) = self.coordinator(&w) else {
                 continue;
@@ -570,7 +653,7 @@ impl<I: NodeKey> Scheduler<I> {
         }
     }
 
-    pub(crate) fn restore_assignments(&mut self, saved: LocalAssignments, _now: Millis) {
+    pub(crate) fn restore_assignments(&mut self, saved: LocalAssignments<I>, _now: Millis) {
         let mut touched: Vec<WorkloadId> = Vec::new();
         for a in saved.assignments {
             if a.spec.deleted
@@ -592,11 +675,18 @@ impl<I: NodeKey> Scheduler<I> {
             let Some(slots) = self.held.get_mut(&w) else {
                 continue;
             };
+            // A version 1 record has no award: the claim cannot be proven and the mesh will
+            // replace it, but the replica runs meanwhile (edge autonomy).
+            let award = a.award.unwrap_or_else(|| AwardProof {
+                issuer: self.local.clone(),
+                sig: Signature::default(),
+            });
             slots.insert(
                 a.index,
                 Held {
                     spec: spec.clone(),
                     epoch: a.epoch,
+                    award,
                     state: ReplicaState::Starting,
                     failures: 0,
                     restart_at: None,

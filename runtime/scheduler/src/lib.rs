@@ -21,6 +21,7 @@
 //! - a host persists its assignments ([`Output::Persist`]) and restarts them from
 //!   [`Scheduler::restore`] with no network at all.
 
+pub mod authority;
 mod config;
 mod coord;
 mod hash;
@@ -33,16 +34,17 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use authority::{AWARD_CONTEXT, Authority, AwardProof, Signature, award_message};
 pub use config::SchedulerConfig;
 pub use hash::{stable_hash, tiebreak};
 pub use members::MemberTable;
 pub use message::{
     Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica,
-    ReportedWorkload, Revoke, RevokeReason, SlotAward, Tender,
+    ReportedWorkload, Revoke, RevokeReason, SlotAward, SlotEpoch, Tender, WorkloadRef,
 };
 pub use scheduler::{
-    Assignment, Input, LocalAssignments, Output, PlacementView, RestoreError, Scheduler, Stats,
-    StatusQuery, StatusReply, WorkloadStatus, coordinator_among,
+    Assignment, Input, LOCAL_ASSIGNMENTS_VERSION, LocalAssignments, Output, PlacementView, Refusal,
+    RestoreError, Scheduler, Stats, StatusQuery, StatusReply, WorkloadStatus, coordinator_among,
 };
 pub use types::{
     Digest, Millis, NodeId, NodeInfo, NodeKey, Replica, ReplicaId, ReplicaIndex, ReplicaState,
@@ -50,7 +52,9 @@ pub use types::{
 };
 
 /// Request/response protocol carrying [`Message`]s between schedulers (answer: empty).
-pub const SCHEDULER_PROTOCOL: &str = "/beemesh/sched/1";
+/// Version 2: messages name workloads by [`WorkloadRef`] instead of carrying specs, and claims
+/// carry signed awards.
+pub const SCHEDULER_PROTOCOL: &str = "/beemesh/sched/2";
 /// Request/response protocol for [`StatusQuery`] → [`StatusReply`] (placements for the API of
 /// a node that does not coordinate the workload).
 pub const STATUS_PROTOCOL: &str = "/beemesh/placements/1";

@@ -3,37 +3,68 @@
 //! peer, never a field of the message. Every struct tolerates unknown fields and defaults the
 //! fields a neighbouring version may lack, so adjacent versions coexist; a variant unknown to
 //! the receiver fails to decode and is dropped (the protocol recovers by its timers).
-
-use std::sync::Arc;
+//!
+//! Authority: no message carries a spec that a node would adopt. A workload is named by
+//! [`WorkloadRef`] (namespace, name, generation, content id); the receiver acts only on the
+//! spec of a manifest it verified itself, and fetches one it lacks before it acts. A claim on
+//! a replica carries the award its coordinator signed ([`AwardProof`]).
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec};
+use crate::authority::{AwardProof, Signature};
+use crate::types::{Digest, ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec};
+
+/// One generation of a workload, as messages name it: what the receiver must have verified
+/// (the manifest with this content id) before it acts on the message.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkloadRef {
+    pub id: WorkloadId,
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub content: Digest,
+}
+
+impl WorkloadRef {
+    pub fn of(spec: &WorkloadSpec) -> Self {
+        Self {
+            id: spec.id.clone(),
+            generation: spec.generation,
+            content: spec.content,
+        }
+    }
+
+    /// Whether `spec` is exactly the generation this names.
+    pub fn names(&self, spec: &WorkloadSpec) -> bool {
+        spec.id == self.id && spec.generation == self.generation && spec.content == self.content
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Message {
-    /// Coordinator → sampled candidate: may you host up to `wanted` replicas of `spec`?
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub enum Message<I> {
+    /// Coordinator → sampled candidate: may you host up to `wanted` replicas of this workload?
     Tender(Tender),
     /// Candidate → coordinator: yes, capacity is reserved until the tender's hold expires.
     Bid(Bid),
     /// Candidate → coordinator: no (nothing is reserved).
     Decline(Decline),
-    /// Coordinator → winner: run these replica indexes, under these epochs.
+    /// Coordinator → winner: run these replica indexes, under these signed epochs.
     Award(Award),
     /// Coordinator → bidder that won nothing: drop the reservation now.
     Release(Release),
     /// Winner → coordinator: cannot take (some of) an award.
     Refuse(Refuse),
-    /// Host → coordinator: the replicas of some workloads this node holds. Answers an award
-    /// (acceptance), follows every state change, a coordinator change, and runs periodically
-    /// as anti-entropy.
-    Report(Report),
+    /// Host → coordinator: the replicas of some workloads this node holds, each with its
+    /// signed award. Answers an award (acceptance), follows every state change, a coordinator
+    /// change, and runs periodically as anti-entropy.
+    Report(Report<I>),
     /// Coordinator → host: stop this claim (it lost to a better one, or is no longer wanted).
     Revoke(Revoke),
 }
 
-impl Message {
+impl<I> Message<I> {
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -53,8 +84,9 @@ impl Message {
 pub struct Tender {
     /// Per coordinator and workload; bids, awards and releases name it.
     pub round: u64,
-    /// What is placed: replica count, resources per replica, selector, prefer, spread.
-    pub spec: Arc<WorkloadSpec>,
+    /// What is placed: the candidate takes replica count, resources, selector and spread from
+    /// its own verified copy of this manifest.
+    pub workload: WorkloadRef,
     /// Replicas this tender fills (the candidate may offer fewer).
     #[serde(default = "one")]
     pub wanted: u32,
@@ -76,7 +108,8 @@ pub struct Bid {
     /// Replicas reserved (1 with `spread = "node"`).
     #[serde(default)]
     pub slots: u32,
-    /// Free capacity before this bid's reservation: allocatable minus allocated minus reserved.
+    /// Free capacity before this bid's reservation: allocatable minus allocated minus
+    /// reserved. Informative: the coordinator never counts more than the bidder announced.
     #[serde(default)]
     pub free: Resources,
     #[serde(default)]
@@ -109,6 +142,12 @@ pub enum DeclineReason {
     Stale,
     /// The node has not learnt its own capacity yet.
     NotReady,
+    /// The sender is not the workload's coordinator in this node's view.
+    NotCoordinator,
+    /// The node holds as many open bids as it allows (for this coordinator or in all).
+    Busy,
+    /// The node has not verified this generation of the manifest (it fetches it).
+    Unverified,
     /// A reason added by a newer version.
     #[serde(other)]
     Other,
@@ -117,12 +156,23 @@ pub enum DeclineReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Award {
     pub round: u64,
-    pub spec: Arc<WorkloadSpec>,
+    pub workload: WorkloadRef,
     pub slots: Vec<SlotAward>,
 }
 
+/// One awarded replica slot, signed by the coordinator that sends it (see
+/// [`crate::authority::award_message`]: the host is the receiver, the issuer the sender).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotAward {
+    pub index: ReplicaIndex,
+    pub epoch: u64,
+    #[serde(default)]
+    pub sig: Signature,
+}
+
+/// A slot named by index and epoch (what a refusal gives back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotEpoch {
     pub index: ReplicaIndex,
     pub epoch: u64,
 }
@@ -138,12 +188,13 @@ pub struct Refuse {
     pub workload: WorkloadId,
     #[serde(default)]
     pub generation: u64,
-    pub slots: Vec<SlotAward>,
+    pub slots: Vec<SlotEpoch>,
     pub reason: DeclineReason,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Report {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct Report<I> {
     /// Increases with every report the host sends (from 1 at each start). A report numbered
     /// below the last one a coordinator applied from that host, within a few seconds of it,
     /// was overtaken on the way: its claims count but it frees nothing. 0: unknown.
@@ -151,18 +202,29 @@ pub struct Report {
     pub seq: u64,
     /// For each workload listed, every replica the host holds of it (possibly none): an index
     /// the coordinator believed held by this host and not listed is free again.
-    pub workloads: Vec<ReportedWorkload>,
+    pub workloads: Vec<ReportedWorkload<I>>,
+}
+
+impl<I> Default for Report<I> {
+    fn default() -> Self {
+        Self {
+            seq: 0,
+            workloads: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReportedWorkload {
-    /// The spec the host was awarded (lets a coordinator that never saw the manifest take over).
-    pub spec: Arc<WorkloadSpec>,
-    pub replicas: Vec<ReportedReplica>,
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct ReportedWorkload<I> {
+    /// The generation the host was awarded.
+    pub workload: WorkloadRef,
+    pub replicas: Vec<ReportedReplica<I>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReportedReplica {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct ReportedReplica<I> {
     pub index: ReplicaIndex,
     pub epoch: u64,
     pub state: ReplicaState,
@@ -170,6 +232,8 @@ pub struct ReportedReplica {
     /// elsewhere and stops counting this claim.
     #[serde(default)]
     pub relinquish: bool,
+    /// The award this claim rests on, signed by the coordinator that issued it.
+    pub award: AwardProof<I>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +257,8 @@ pub enum RevokeReason {
     Spread,
     /// A new generation replaced it on another node.
     Replaced,
+    /// It did not report running within the start timeout.
+    NotRunning,
     #[default]
     #[serde(other)]
     Other,
@@ -206,7 +272,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored_and_missing_ones_defaulted() {
         let json = r#"{"bid":{"round":3,"workload":{"namespace":"a","name":"b"},"future":1}}"#;
-        let m: Message = serde_json::from_str(json).expect("decode");
+        let m: Message<u32> = serde_json::from_str(json).expect("decode");
         match m {
             Message::Bid(b) => {
                 assert_eq!(b.round, 3);
@@ -215,7 +281,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let json = r#"{"decline":{"round":1,"workload":{"namespace":"a","name":"b"},"reason":"moon_phase"}}"#;
-        let m: Message = serde_json::from_str(json).expect("decode");
+        let m: Message<u32> = serde_json::from_str(json).expect("decode");
         assert!(matches!(
             m,
             Message::Decline(Decline {
@@ -226,20 +292,27 @@ mod tests {
     }
 
     #[test]
-    fn tender_carries_count_and_resources() {
+    fn a_tender_names_the_workload_and_carries_no_spec() {
         let spec: WorkloadSpec =
-            serde_json::from_str(r#"{"id":{"namespace":"a","name":"b"},"replicas":3,"resources":{"cpu":250,"memory":64}}"#)
+            serde_json::from_str(r#"{"id":{"namespace":"a","name":"b"},"generation":2,"replicas":3,"resources":{"cpu":250,"memory":64}}"#)
                 .expect("spec");
-        let t = Message::Tender(Tender {
+        let t: Message<u32> = Message::Tender(Tender {
             round: 1,
-            spec: Arc::new(spec),
+            workload: WorkloadRef::of(&spec),
             wanted: 3,
             hold_ms: 5000,
         });
         let text = serde_json::to_string(&t).expect("encode");
-        assert!(text.contains("\"replicas\":3"), "{text}");
-        assert!(text.contains("\"cpu\":250"), "{text}");
-        let back: Message = serde_json::from_str(&text).expect("decode");
+        assert!(text.contains("\"generation\":2"), "{text}");
+        assert!(
+            !text.contains("\"replicas\""),
+            "a tender never carries a spec: {text}"
+        );
+        assert!(
+            !text.contains("\"cpu\""),
+            "a tender never carries a spec: {text}"
+        );
+        let back: Message<u32> = serde_json::from_str(&text).expect("decode");
         assert_eq!(back, t);
     }
 }

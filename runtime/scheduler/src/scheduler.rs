@@ -5,16 +5,31 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authority::{Authority, AwardProof, Keys};
 use crate::config::SchedulerConfig;
 use crate::coord::Coord;
 use crate::hash::stable_hash;
 use crate::host::{Held, Reservation};
 use crate::members::{MemberTable, Membership, Transition, node_ring};
-use crate::message::{Message, ReportedWorkload};
+use crate::message::{Message, ReportedWorkload, WorkloadRef};
 use crate::types::{
     Millis, NodeInfo, NodeKey, Replica, ReplicaId, ReplicaIndex, ReplicaState, WorkloadId,
     WorkloadSpec,
 };
+
+/// Most messages kept while the manifest they name is fetched, in all and per sender.
+const MAX_DEFERRED: usize = 1024;
+const MAX_DEFERRED_PER_SENDER: usize = 64;
+/// How long a deferred message waits for its manifest.
+const DEFER_TTL: Millis = 10_000;
+/// One fetch per (workload, generation) at most this often; at most this many remembered.
+const FETCH_EVERY: Millis = 5_000;
+const MAX_FETCHING: usize = 256;
+/// Former members remembered (whose awards still count): at most this many, this long.
+const MAX_FORMER: usize = 4096;
+const FORMER_TTL: Millis = 3_600_000;
+/// Membership changes remembered for the takeover grace of [`Scheduler::may_command`].
+const MAX_HANDOVERS: usize = 256;
 
 /// What the node feeds the scheduler.
 #[derive(Debug, Clone)]
@@ -26,11 +41,11 @@ pub enum Input<I> {
     NodeUpdated { node: I, info: NodeInfo },
     /// A node stopped announcing itself (the mesh's peer timeout).
     NodeDown { node: I },
-    /// Desired state: a verified manifest generation, or a tombstone. Older generations than
-    /// the one known are ignored.
+    /// Desired state: a manifest generation, or a tombstone, that the node verified itself
+    /// (the only source of specs). Older generations than the one known are ignored.
     Workload(WorkloadSpec),
     /// A protocol message; `from` is the transport's authenticated peer.
-    Message { from: I, msg: Message },
+    Message { from: I, msg: Message<I> },
     /// The driver reports a replica running (and ready).
     ReplicaStarted { replica: ReplicaId },
     /// The driver could not start a replica, or it failed its health check.
@@ -46,46 +61,118 @@ pub enum Input<I> {
 pub enum Output<I> {
     /// Deliver `msg` to `to` (request/response on [`crate::SCHEDULER_PROTOCOL`]; the answer
     /// is empty and may be ignored; a failed delivery needs no report, timers recover).
-    Send { to: I, msg: Message },
+    Send { to: I, msg: Message<I> },
     /// Start this replica with the local driver.
     Start { replica: Replica },
     /// Stop this replica and remove its container.
     Stop { replica: ReplicaId },
     /// Persist what this node must run (replaces the previous record); hand it to
     /// [`Scheduler::restore`] after a restart.
-    Persist(LocalAssignments),
+    Persist(LocalAssignments<I>),
+    /// A message named a manifest generation this node has not verified: fetch it from
+    /// `from` (anti-entropy) and feed it as [`Input::Workload`] once verified. The message
+    /// waits (bounded) and is handled then. Rate-limited per (workload, generation).
+    Fetch { from: I, workload: WorkloadRef },
+    /// A message was refused: count it and log it (at a bounded rate) with the sender.
+    Refused {
+        from: I,
+        message: &'static str,
+        reason: Refusal,
+    },
+}
+
+/// Why a message (or a part of one) was refused. Each is counted in
+/// [`Stats::refused`] and reported as [`Output::Refused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// The sender is not a live member in this node's view.
+    NotMember,
+    /// A tender, award or revoke from a node that is not the workload's coordinator here
+    /// (nor was, within the takeover grace).
+    NotCoordinator,
+    /// The message names a generation whose content id differs from the verified one.
+    ContentMismatch,
+    /// A claim whose award signature does not verify (forged, altered, or for another host).
+    BadAward,
+    /// A claim the claimant awarded itself (or that a non-member awarded) for a replica this
+    /// coordinator does not see it holding, after the takeover grace.
+    SelfAward,
+    /// A claim whose epoch is far above every epoch seen for the workload.
+    EpochOutOfBounds,
+    /// A bid from a node that already holds what it announced it can hold.
+    OverCapacity,
+    /// A message for an unverified manifest that could not wait: the deferral queue for
+    /// this sender, or in all, is full.
+    DeferFull,
+    /// A message whose manifest generation was still not verified here when its wait ended
+    /// (no signed manifest with that content id reached this node).
+    Unverified,
+    /// A tender that would exceed the open reservations allowed per coordinator or in all.
+    TooManyReservations,
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Refusal::NotMember => "not_member",
+            Refusal::NotCoordinator => "not_coordinator",
+            Refusal::ContentMismatch => "content_mismatch",
+            Refusal::BadAward => "bad_award",
+            Refusal::SelfAward => "self_award",
+            Refusal::EpochOutOfBounds => "epoch_out_of_bounds",
+            Refusal::OverCapacity => "over_capacity",
+            Refusal::DeferFull => "defer_full",
+            Refusal::Unverified => "unverified",
+            Refusal::TooManyReservations => "too_many_reservations",
+        }
+    }
 }
 
 /// What this node must run: persisted by the node, restored after a restart so replicas come
 /// back without any network (edge autonomy).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct LocalAssignments {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct LocalAssignments<I> {
     #[serde(default = "format_version")]
     pub version: u32,
-    #[serde(default)]
-    pub assignments: Vec<Assignment>,
+    #[serde(default = "Vec::new")]
+    pub assignments: Vec<Assignment<I>>,
 }
 
 fn format_version() -> u32 {
-    LocalAssignments::VERSION
+    LOCAL_ASSIGNMENTS_VERSION
 }
 
-impl LocalAssignments {
-    pub const VERSION: u32 = 1;
+/// The format of [`LocalAssignments`]: 2 added the signed award of each replica (a version 1
+/// record restores its replicas, whose claims then carry no award and are replaced).
+pub const LOCAL_ASSIGNMENTS_VERSION: u32 = 2;
+
+impl<I> Default for LocalAssignments<I> {
+    fn default() -> Self {
+        Self {
+            version: LOCAL_ASSIGNMENTS_VERSION,
+            assignments: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct Assignment<I> {
+    /// The spec this node verified when it accepted the award (it runs with no network).
     pub spec: Arc<WorkloadSpec>,
     pub index: ReplicaIndex,
     pub epoch: u64,
+    /// The award, signed by its coordinator (absent in version 1 records).
+    #[serde(default = "Option::default")]
+    pub award: Option<AwardProof<I>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
     #[error(
-        "persisted assignments have format version {found}; this version reads up to {}",
-        LocalAssignments::VERSION
+        "persisted assignments have format version {found}; this version reads up to {LOCAL_ASSIGNMENTS_VERSION}"
     )]
     Version { found: u32 },
 }
@@ -133,6 +220,10 @@ pub struct StatusReply<I> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub sent: u64,
+    /// Messages (or claims within reports) refused: see [`Refusal`].
+    pub refused: u64,
+    /// Claims awarded by another coordinator that this one re-awarded under its own key.
+    pub adopted: u64,
     pub tenders_opened: u64,
     pub awards: u64,
     pub replicas_awarded: u64,
@@ -143,7 +234,40 @@ pub struct Stats {
 }
 
 /// A report kept for later: (host, received at, its sequence number, its entries).
-pub(crate) type EarlyReport<I> = (I, Millis, u64, Vec<ReportedWorkload>);
+pub(crate) type EarlyReport<I> = (I, Millis, u64, Vec<ReportedWorkload<I>>);
+
+/// Who coordinated an arc of the ring before a membership change, until when that node's
+/// tenders, awards and revokes still count (the takeover grace).
+#[derive(Debug, Clone)]
+pub(crate) struct Handover<I> {
+    /// The arc `(lo, hi]` of ring positions (wrapping when `lo >= hi`).
+    pub lo: u64,
+    pub hi: u64,
+    pub prev: I,
+    pub until: Millis,
+}
+
+impl<I> Handover<I> {
+    fn covers(&self, pos: u64) -> bool {
+        if self.lo < self.hi {
+            pos > self.lo && pos <= self.hi
+        } else {
+            pos > self.lo || pos <= self.hi
+        }
+    }
+}
+
+/// How a message's [`WorkloadRef`] compares with this node's verified desired state.
+pub(crate) enum Verified {
+    /// Exactly the verified generation.
+    Yes(Arc<WorkloadSpec>),
+    /// This node verified a newer generation (or tombstone).
+    Stale,
+    /// Same generation, another content id: not the manifest this node verified.
+    Mismatch,
+    /// This node has not verified that generation yet.
+    Unknown,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer<I> {
@@ -152,6 +276,8 @@ pub(crate) enum Timer<I> {
     Restart(WorkloadId, ReplicaIndex),
     Report,
     Rereport,
+    /// Deferred messages expire.
+    Deferred,
 }
 
 /// One node's scheduler. See the crate documentation for the protocol.
@@ -160,13 +286,14 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) local: I,
     pub(crate) local_ring: u64,
     pub(crate) config: SchedulerConfig,
+    pub(crate) keys: Keys<I>,
     pub(crate) members: Membership<I>,
     /// Whether the node has told us its own capacity.
     pub(crate) local_known: bool,
     pub(crate) desired: BTreeMap<WorkloadId, Arc<WorkloadSpec>>,
     pub(crate) desired_ring: BTreeMap<u64, BTreeSet<WorkloadId>>,
     pub(crate) coords: BTreeMap<WorkloadId, Coord<I>>,
-    pub(crate) held: BTreeMap<WorkloadId, BTreeMap<ReplicaIndex, Held>>,
+    pub(crate) held: BTreeMap<WorkloadId, BTreeMap<ReplicaIndex, Held<I>>>,
     pub(crate) report_target: BTreeMap<WorkloadId, I>,
     /// Reports that reached this node before it saw itself as coordinator (its failure
     /// detector lagged the host's): replayed when it takes over.
@@ -182,22 +309,38 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) timers: BTreeSet<(Millis, Timer<I>)>,
     pub(crate) started_at: Option<Millis>,
     pub(crate) out: Vec<Output<I>>,
-    pub(crate) loopback: VecDeque<Message>,
+    pub(crate) loopback: VecDeque<Message<I>>,
+    /// Messages naming a manifest generation this node has not verified yet, by that
+    /// generation: handled once it is verified, dropped after [`DEFER_TTL`].
+    pub(crate) deferred: BTreeMap<WorkloadRef, Vec<(I, Millis, Message<I>)>>,
+    pub(crate) deferred_count: usize,
+    pub(crate) deferred_by: BTreeMap<I, usize>,
+    /// Fetches asked for, by (workload, generation), with when.
+    pub(crate) fetching: BTreeMap<(WorkloadId, u64), Millis>,
+    /// Nodes that were members, with when they went down: their awards still count.
+    pub(crate) former: BTreeMap<I, Millis>,
+    /// Recent coordinator changes (newest last).
+    pub(crate) handovers: VecDeque<Handover<I>>,
     pub(crate) persist_dirty: bool,
     pub(crate) stats: Stats,
 }
 
 impl<I: NodeKey> Scheduler<I> {
     /// A scheduler that knows only itself; feed it [`Input::NodeUp`] for itself (its capacity
-    /// and labels) and for every peer.
-    pub fn new(local: I, config: SchedulerConfig) -> Self {
-        Self::with_members(local, config, Arc::new(MemberTable::new([])))
+    /// and labels) and for every peer. `keys` signs this node's awards and checks others'.
+    pub fn new(local: I, config: SchedulerConfig, keys: Arc<dyn Authority<I>>) -> Self {
+        Self::with_members(local, config, keys, Arc::new(MemberTable::new([])))
     }
 
     /// A scheduler whose membership view starts from a shared table (a simulator hands every
     /// node the same one; a node may build one from its peer list). The local node's entry,
     /// if present, is its own capacity.
-    pub fn with_members(local: I, config: SchedulerConfig, table: Arc<MemberTable<I>>) -> Self {
+    pub fn with_members(
+        local: I,
+        config: SchedulerConfig,
+        keys: Arc<dyn Authority<I>>,
+        table: Arc<MemberTable<I>>,
+    ) -> Self {
         let mut members = Membership::new(table);
         let local_known = members.is_live(&local);
         if !local_known {
@@ -207,6 +350,7 @@ impl<I: NodeKey> Scheduler<I> {
             local_ring: node_ring(&local),
             local,
             config,
+            keys: Keys(keys),
             members,
             local_known,
             desired: BTreeMap::new(),
@@ -224,6 +368,12 @@ impl<I: NodeKey> Scheduler<I> {
             started_at: None,
             out: Vec::new(),
             loopback: VecDeque::new(),
+            deferred: BTreeMap::new(),
+            deferred_count: 0,
+            deferred_by: BTreeMap::new(),
+            fetching: BTreeMap::new(),
+            former: BTreeMap::new(),
+            handovers: VecDeque::new(),
             persist_dirty: false,
             stats: Stats::default(),
         }
@@ -266,10 +416,10 @@ impl<I: NodeKey> Scheduler<I> {
     /// soon as those are known.
     pub fn restore(
         &mut self,
-        saved: LocalAssignments,
+        saved: LocalAssignments<I>,
         now: Millis,
     ) -> Result<Vec<Output<I>>, RestoreError> {
-        if saved.version > LocalAssignments::VERSION {
+        if saved.version > LOCAL_ASSIGNMENTS_VERSION {
             return Err(RestoreError::Version {
                 found: saved.version,
             });
@@ -342,8 +492,14 @@ impl<I: NodeKey> Scheduler<I> {
                     self.rereport_at = None;
                     self.rereport_due(now);
                 }
+                Timer::Deferred => self.prune_deferred(now),
                 Timer::Report => {
                     self.prune_early_reports(now);
+                    self.prune_deferred(now);
+                    self.fetching
+                        .retain(|_, at| now < at.saturating_add(FETCH_EVERY));
+                    self.former
+                        .retain(|_, at| now < at.saturating_add(FORMER_TTL));
                     self.report_all();
                     let next = now + self.config.report_interval;
                     self.timers.insert((next, Timer::Report));
@@ -352,7 +508,7 @@ impl<I: NodeKey> Scheduler<I> {
         }
     }
 
-    pub(crate) fn send(&mut self, to: &I, msg: Message) {
+    pub(crate) fn send(&mut self, to: &I, msg: Message<I>) {
         if *to == self.local {
             self.loopback.push_back(msg);
         } else {
@@ -414,11 +570,24 @@ impl<I: NodeKey> Scheduler<I> {
             .filter(|(_, c)| c.parked.is_some() && fits_some(&c.spec))
             .map(|(w, _)| w.clone())
             .collect();
+        // The node that coordinated the arc the newcomer takes over (its live successor).
+        let prev = if self.members.is_live(&node) {
+            None
+        } else {
+            self.members
+                .successors(node_ring(&node), 1)
+                .into_iter()
+                .next()
+        };
         let t = self.members.up(&node, info);
         match t {
             Transition::Same => return,
             Transition::Updated => {}
             Transition::Joined => {
+                self.former.remove(&node);
+                if let Some(prev) = prev {
+                    self.record_handover(&node, prev, now);
+                }
                 self.reassign_arc(&node, now);
                 let grace = now + self.config.takeover_grace;
                 let ws: Vec<WorkloadId> = self.coords.keys().cloned().collect();
@@ -449,6 +618,17 @@ impl<I: NodeKey> Scheduler<I> {
         if node == self.local || !self.members.down(&node) {
             return;
         }
+        if self.former.len() >= MAX_FORMER
+            && let Some(oldest) = self
+                .former
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(n, _)| n.clone())
+        {
+            self.former.remove(&oldest);
+        }
+        self.former.insert(node.clone(), now);
+        self.record_handover(&node, node.clone(), now);
         self.reassign_arc(&node, now);
         let affected: Vec<WorkloadId> = self
             .coords
@@ -470,6 +650,159 @@ impl<I: NodeKey> Scheduler<I> {
             self.reservations.remove(&k);
         }
         self.retarget_reports(now);
+    }
+
+    /// Remembers that `prev` coordinated `node`'s arc of the ring until now (`node` joined in
+    /// front of it, or `node` itself left), so that `prev`'s messages in flight still count
+    /// for the takeover grace.
+    fn record_handover(&mut self, node: &I, prev: I, now: Millis) {
+        let hi = node_ring(node);
+        let lo = self.members.predecessor(hi, node).unwrap_or(hi);
+        if self.handovers.len() >= MAX_HANDOVERS {
+            self.handovers.pop_front();
+        }
+        self.handovers.push_back(Handover {
+            lo,
+            hi,
+            prev,
+            until: now.saturating_add(self.config.takeover_grace),
+        });
+    }
+
+    /// Whether `from` may tender, award or revoke for `w`: it is the workload's coordinator in
+    /// this node's view, or was until a membership change within the takeover grace.
+    pub(crate) fn may_command(&self, from: &I, w: &WorkloadId, now: Millis) -> bool {
+        if self.coordinator(w).as_ref() == Some(from) {
+            return true;
+        }
+        let pos = workload_ring(w);
+        self.handovers
+            .iter()
+            .any(|h| now < h.until && &h.prev == from && h.covers(pos))
+    }
+
+    /// Whether `issuer`'s awards count: it is this node, a live member, or a member that went
+    /// down recently (bounded memory).
+    pub(crate) fn known_issuer(&self, issuer: &I) -> bool {
+        *issuer == self.local || self.members.is_live(issuer) || self.former.contains_key(issuer)
+    }
+
+    /// Compares a message's workload generation with the verified desired state.
+    pub(crate) fn verified(&self, r: &WorkloadRef) -> Verified {
+        match self.desired.get(&r.id) {
+            Some(d) if d.generation == r.generation && d.content == r.content => {
+                Verified::Yes(d.clone())
+            }
+            Some(d) if d.generation > r.generation => Verified::Stale,
+            Some(d) if d.generation == r.generation => Verified::Mismatch,
+            _ => Verified::Unknown,
+        }
+    }
+
+    /// Counts and reports a refused message.
+    pub(crate) fn refuse(&mut self, from: &I, message: &'static str, reason: Refusal) {
+        self.stats.refused += 1;
+        self.out.push(Output::Refused {
+            from: from.clone(),
+            message,
+            reason,
+        });
+    }
+
+    /// Keeps `msg` until the manifest generation `r` is verified, and asks for it.
+    pub(crate) fn defer(&mut self, from: &I, r: WorkloadRef, msg: Message<I>, now: Millis) {
+        if self.deferred_count >= MAX_DEFERRED {
+            self.prune_deferred(now);
+        }
+        let mine = self.deferred_by.get(from).copied().unwrap_or(0);
+        if self.deferred_count >= MAX_DEFERRED || mine >= MAX_DEFERRED_PER_SENDER {
+            self.refuse(from, msg.kind(), Refusal::DeferFull);
+            return;
+        }
+        self.deferred_count += 1;
+        *self.deferred_by.entry(from.clone()).or_default() += 1;
+        self.fetch(from, &r, now);
+        self.deferred
+            .entry(r)
+            .or_default()
+            .push((from.clone(), now, msg));
+        self.arm(now + DEFER_TTL, Timer::Deferred);
+    }
+
+    /// Asks the node to fetch a manifest generation from `from` (rate-limited).
+    fn fetch(&mut self, from: &I, r: &WorkloadRef, now: Millis) {
+        let key = (r.id.clone(), r.generation);
+        if self
+            .fetching
+            .get(&key)
+            .is_some_and(|at| now < at.saturating_add(FETCH_EVERY))
+        {
+            return;
+        }
+        if self.fetching.len() >= MAX_FETCHING {
+            self.fetching
+                .retain(|_, at| now < at.saturating_add(FETCH_EVERY));
+            if self.fetching.len() >= MAX_FETCHING {
+                return;
+            }
+        }
+        self.fetching.insert(key, now);
+        self.out.push(Output::Fetch {
+            from: from.clone(),
+            workload: r.clone(),
+        });
+    }
+
+    /// Drops (and refuses) deferred messages that waited their time.
+    pub(crate) fn prune_deferred(&mut self, now: Millis) {
+        let horizon = now.saturating_sub(DEFER_TTL);
+        let by = &mut self.deferred_by;
+        let mut count = 0;
+        let mut expired: Vec<(I, &'static str)> = Vec::new();
+        self.deferred.retain(|_, v| {
+            v.retain(|(from, at, msg)| {
+                let keep = *at > horizon;
+                if !keep {
+                    expired.push((from.clone(), msg.kind()));
+                    if let Some(n) = by.get_mut(from) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                keep
+            });
+            count += v.len();
+            !v.is_empty()
+        });
+        by.retain(|_, n| *n > 0);
+        self.deferred_count = count;
+        for (from, kind) in expired {
+            self.refuse(&from, kind, Refusal::Unverified);
+        }
+    }
+
+    /// The deferred messages that a newly verified generation of `w` settles (that one, and
+    /// older ones, which are now stale).
+    fn take_deferred(&mut self, w: &WorkloadId, generation: u64) -> Vec<(I, Message<I>)> {
+        let keys: Vec<WorkloadRef> = self
+            .deferred
+            .keys()
+            .filter(|r| r.id == *w && r.generation <= generation)
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for k in keys {
+            for (from, _, msg) in self.deferred.remove(&k).unwrap_or_default() {
+                self.deferred_count = self.deferred_count.saturating_sub(1);
+                if let Some(n) = self.deferred_by.get_mut(&from) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.deferred_by.remove(&from);
+                    }
+                }
+                out.push((from, msg));
+            }
+        }
+        out
     }
 
     /// After `node` joined or left, re-decides who coordinates the workloads in its arc of the
@@ -529,11 +862,21 @@ impl<I: NodeKey> Scheduler<I> {
 
     fn on_workload(&mut self, spec: WorkloadSpec, now: Millis) {
         let w = spec.id.clone();
+        let generation = spec.generation;
         if let Some(d) = self.desired.get(&w)
             && d.generation >= spec.generation
         {
             return;
         }
+        self.accept_workload(spec, now);
+        // Messages that waited for this manifest (or named an older one) are handled now.
+        for (from, msg) in self.take_deferred(&w, generation) {
+            self.on_message(from, msg, now);
+        }
+    }
+
+    fn accept_workload(&mut self, spec: WorkloadSpec, now: Millis) {
+        let w = spec.id.clone();
         let known_before = self.desired.contains_key(&w)
             || self.coords.contains_key(&w)
             || self.held.contains_key(&w);
@@ -559,7 +902,12 @@ impl<I: NodeKey> Scheduler<I> {
 
     // ---- messages ---------------------------------------------------------------------
 
-    fn on_message(&mut self, from: I, msg: Message, now: Millis) {
+    fn on_message(&mut self, from: I, msg: Message<I>, now: Millis) {
+        // Only members take part; the transport authenticated `from`.
+        if from != self.local && !self.members.is_live(&from) {
+            self.refuse(&from, msg.kind(), Refusal::NotMember);
+            return;
+        }
         match msg {
             Message::Tender(t) => self.on_tender(&from, t, now),
             Message::Bid(b) => self.on_bid(&from, b, now),
@@ -570,7 +918,7 @@ impl<I: NodeKey> Scheduler<I> {
             }
             Message::Refuse(r) => self.on_refuse(&from, r, now),
             Message::Report(r) => self.on_report(&from, r, now),
-            Message::Revoke(r) => self.on_revoke(&from, &r),
+            Message::Revoke(r) => self.on_revoke(&from, &r, now),
         }
     }
 
@@ -631,7 +979,7 @@ impl<I: NodeKey> Scheduler<I> {
     }
 
     /// What this node must run (what [`Output::Persist`] carries).
-    pub fn local_assignments(&self) -> LocalAssignments {
+    pub fn local_assignments(&self) -> LocalAssignments<I> {
         let mut assignments = Vec::new();
         for slots in self.held.values() {
             for (&index, h) in slots {
@@ -639,11 +987,12 @@ impl<I: NodeKey> Scheduler<I> {
                     spec: h.spec.clone(),
                     index,
                     epoch: h.epoch,
+                    award: Some(h.award.clone()),
                 });
             }
         }
         LocalAssignments {
-            version: LocalAssignments::VERSION,
+            version: LOCAL_ASSIGNMENTS_VERSION,
             assignments,
         }
     }

@@ -12,10 +12,14 @@
 //! - desired state: the mesh gossips every manifest to every node; the schedulers that act on
 //!   one are its coordinator and the nodes that take over from it, so the simulator hands
 //!   each workload to the first three nodes of its ring (after a gossip delay of three
-//!   network hops) and does not spend memory on the 9,997 inert copies. Hosts carry the
-//!   placement spec in their reports, so a coordinator further down the ring learns it too;
-//!   when a failure also kills a workload's first three ring nodes, the simulator hands the
-//!   workload to its new coordinator, whose store would hold it.
+//!   network hops) and does not spend memory on the 9,997 inert copies. A node that receives a
+//!   message about a manifest it has not verified asks for it (`Output::Fetch`); the
+//!   simulator answers after a round trip, as the anti-entropy sync with the sender would (in
+//!   the mesh, gossip has usually delivered it long before). When a failure also kills a
+//!   workload's first three ring nodes, the simulator hands the workload to its new
+//!   coordinator, whose store would hold it.
+//! - awards are signed and checked with real Ed25519 keys derived from the node ids
+//!   (`SeededKeys`): the CPU figures include the signatures.
 //!
 //! Debugging: `BEEMESH_SIM_TRACE=1` prints progress every 5 s of the failure phase with the
 //! first workloads not yet exact; `BEEMESH_SIM_WATCH=w123` prints every message, start, stop
@@ -26,6 +30,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use beemesh_manifest::workload::Spread;
+use beemesh_scheduler::authority::testing::SeededKeys;
 use beemesh_scheduler::{
     Digest, Input, MemberTable, Message, Millis, NodeInfo, Output, ReplicaId, Resources, Scheduler,
     SchedulerConfig, WorkloadId, WorkloadSpec,
@@ -69,7 +74,7 @@ enum Ev {
     Msg {
         from: u32,
         to: u32,
-        msg: Box<Message>,
+        msg: Box<Message<u32>>,
     },
     Timer {
         node: u32,
@@ -102,6 +107,9 @@ struct Counts {
     sent: u64,
     lost: u64,
     by_kind: [u64; 8],
+    /// Messages refused (none in an honest mesh), and manifests fetched.
+    refused: u64,
+    fetched: u64,
 }
 
 const KINDS: [&str; 8] = [
@@ -135,15 +143,15 @@ struct Sim {
     watch: Option<String>,
 }
 
-fn mentions(msg: &Message, name: &str) -> bool {
+fn mentions(msg: &Message<u32>, name: &str) -> bool {
     match msg {
-        Message::Tender(t) => &*t.spec.id.name == name,
+        Message::Tender(t) => &*t.workload.id.name == name,
         Message::Bid(b) => &*b.workload.name == name,
         Message::Decline(d) => &*d.workload.name == name,
-        Message::Award(a) => &*a.spec.id.name == name,
+        Message::Award(a) => &*a.workload.id.name == name,
         Message::Release(r) => &*r.workload.name == name,
         Message::Refuse(r) => &*r.workload.name == name,
-        Message::Report(r) => r.workloads.iter().any(|w| &*w.spec.id.name == name),
+        Message::Report(r) => r.workloads.iter().any(|w| &*w.workload.id.name == name),
         Message::Revoke(r) => &*r.workload.name == name,
     }
 }
@@ -287,6 +295,28 @@ impl Sim {
                     self.update(w);
                 }
                 Output::Persist(_) => {}
+                Output::Fetch { workload, .. } => {
+                    self.counts.fetched += 1;
+                    if let Some(w) = workload_index(&workload.id) {
+                        let at = self.now + self.latency() + self.latency();
+                        let spec = self.specs[w].clone();
+                        self.push(at, Ev::Desired { node, spec });
+                    }
+                }
+                Output::Refused {
+                    from,
+                    message,
+                    reason,
+                } => {
+                    self.counts.refused += 1;
+                    if self.watch.is_some() {
+                        println!(
+                            "    [{}] n{node} refused a {message} from n{from}: {}",
+                            self.now,
+                            reason.as_str()
+                        );
+                    }
+                }
             }
         }
     }
@@ -575,8 +605,9 @@ fn run(args: &Args, n: u32) {
     let table = Arc::new(MemberTable::new(
         (0..n).map(|i| (i, info[i as usize].clone())),
     ));
+    let keys = SeededKeys::cache();
     let nodes: Vec<Scheduler<u32>> = (0..n)
-        .map(|i| Scheduler::with_members(i, cfg.clone(), table.clone()))
+        .map(|i| Scheduler::with_members(i, cfg.clone(), SeededKeys::of(&i, &keys), table.clone()))
         .collect();
     let total = args.workloads.max(4);
     let mut specs = Vec::new();
@@ -714,9 +745,11 @@ fn run(args: &Args, n: u32) {
         .map(|(k, name)| format!("{name} {}", sim.counts.by_kind[k] - before.by_kind[k]))
         .collect();
     println!(
-        "  by kind: {}; lost {}",
+        "  by kind: {}; lost {}; manifests fetched {}; refused {}",
         kinds.join(", "),
-        sim.counts.lost - before.lost
+        sim.counts.lost - before.lost,
+        sim.counts.fetched - before.fetched,
+        sim.counts.refused - before.refused
     );
     let stats = sim.nodes.iter().map(|s| s.stats()).fold((0, 0, 0), |a, s| {
         (
@@ -862,12 +895,14 @@ fn run(args: &Args, n: u32) {
                 pct(&detect, 1.0) as f64 / 1000.0
             );
             println!(
-                "  wall clock {:.2} s, CPU {:.2} s (includes {} NodeDown inputs); messages {} → {:.2} per replica restored",
+                "  wall clock {:.2} s, CPU {:.2} s (includes {} NodeDown inputs); messages {} → {:.2} per replica restored; manifests fetched {}; refused {}",
                 kill_wall.as_secs_f64(),
                 cpu_seconds() - cpu,
                 victims.len() * (n as usize - victims.len()),
                 msgs,
-                msgs as f64 / lost.max(1) as f64
+                msgs as f64 / lost.max(1) as f64,
+                sim.counts.fetched - before.fetched,
+                sim.counts.refused - before.refused
             );
         }
         None => println!(

@@ -934,11 +934,14 @@ pub fn mesh_config(
 /// A `beemesh_mesh` peer running in-process, inside a host's namespace: a thread that entered
 /// the namespace runs the mesh on its own runtime; the test talks to it through the
 /// [`MeshHandle`] (whose futures only pass messages, so any runtime can drive them). Gossip it
-/// receives is ignored, requests are refused, and the other events are recorded as text.
+/// receives is ignored; scheduler requests (`/beemesh/sched/...`) are answered empty and kept
+/// for [`MeshPeer::take_requests`] (a malicious node's view of the protocol), other requests
+/// are refused; the other events are recorded as text.
 pub struct MeshPeer {
     name: String,
     mesh: MeshHandle,
     events: Arc<Mutex<Vec<String>>>,
+    requests: Arc<Mutex<Vec<Received>>>,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     rt: tokio::runtime::Runtime,
@@ -953,13 +956,19 @@ impl std::fmt::Debug for MeshPeer {
     }
 }
 
+/// A request an in-process peer received: (from, protocol, body).
+pub type Received = (PeerId, String, Vec<u8>);
+/// Requests an in-process peer keeps until taken.
+const MAX_RECEIVED: usize = 10_000;
+
 impl MeshPeer {
     pub fn start(name: &str, host: &Host, config: MeshConfig) -> Result<Self, String> {
         let shutdown = CancellationToken::new();
         let events = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<Result<MeshHandle, String>>();
         let host = host.clone();
-        let (stop, seen) = (shutdown.clone(), events.clone());
+        let (stop, seen, asked) = (shutdown.clone(), events.clone(), requests.clone());
         let thread = std::thread::Builder::new()
             .name(format!("mesh-peer-{name}"))
             .spawn(move || {
@@ -976,7 +985,7 @@ impl MeshPeer {
                         return;
                     }
                 };
-                rt.block_on(serve(config, stop, seen, tx));
+                rt.block_on(serve(config, stop, seen, asked, tx));
             })
             .map_err(|e| format!("cannot start the thread of mesh peer {name}: {e}"))?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -992,6 +1001,7 @@ impl MeshPeer {
             name: name.to_owned(),
             mesh,
             events,
+            requests,
             shutdown,
             thread: Some(thread),
             rt,
@@ -1011,6 +1021,11 @@ impl MeshPeer {
         self.rt.block_on(f)
     }
 
+    /// The scheduler requests received since the last call, oldest first.
+    pub fn take_requests(&self) -> Vec<Received> {
+        std::mem::take(&mut *self.requests.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// What happened to this peer so far (`PeerUp ...`, `RefusedByPeer ...`), oldest first.
     pub fn events(&self) -> Vec<String> {
         self.events
@@ -1024,6 +1039,7 @@ async fn serve(
     config: MeshConfig,
     stop: CancellationToken,
     seen: Arc<Mutex<Vec<String>>>,
+    asked: Arc<Mutex<Vec<Received>>>,
     tx: std::sync::mpsc::Sender<Result<MeshHandle, String>>,
 ) {
     let (mesh, mut events) = match beemesh_mesh::spawn(config, stop.clone()).await {
@@ -1050,6 +1066,18 @@ async fn serve(
                 let _ = mesh
                     .validate(message_id, propagation_source, Validation::Ignore)
                     .await;
+            }
+            Some(MeshEvent::Request {
+                peer,
+                protocol,
+                data,
+                reply,
+            }) if protocol.starts_with("/beemesh/sched/") => {
+                let mut asked = asked.lock().unwrap_or_else(|p| p.into_inner());
+                if asked.len() < MAX_RECEIVED {
+                    asked.push((peer, protocol, data));
+                }
+                reply.respond(Vec::new());
             }
             Some(MeshEvent::Request { reply, .. }) => reply.refuse("a test peer answers nothing"),
             Some(MeshEvent::PeerUp { peer, .. }) => record(format!("PeerUp {peer}")),

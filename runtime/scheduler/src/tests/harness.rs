@@ -5,17 +5,73 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use beemesh_manifest::keys::PublicKey;
 use beemesh_manifest::workload::Spread;
 
+use crate::authority::testing::SeededKeys;
 use crate::{
-    Input, LocalAssignments, MemberTable, Message, Millis, NodeInfo, Output, Replica, ReplicaId,
-    ReplicaIndex, Resources, Scheduler, SchedulerConfig, WorkloadId, WorkloadSpec,
+    Authority, AwardProof, Input, LocalAssignments, MemberTable, Message, Millis, NodeInfo, Output,
+    Refusal, Replica, ReplicaId, ReplicaIndex, ReplicaState, ReportedReplica, Resources, Scheduler,
+    SchedulerConfig, WorkloadId, WorkloadSpec, award_message,
 };
 
-pub type Filter = Box<dyn FnMut(Millis, u32, u32, &Message) -> bool>;
+pub type Filter = Box<dyn FnMut(Millis, u32, u32, &Message<u32>) -> bool>;
+/// Rewrites a message a (malicious) node sends: `from, to, msg`.
+pub type Tamper = Box<dyn FnMut(u32, u32, &mut Message<u32>)>;
+
+/// Node `id`'s award keys (real Ed25519, derived from the id; public keys cached for the
+/// whole test process).
+pub fn keys(id: u32) -> Arc<dyn Authority<u32>> {
+    static CACHE: OnceLock<Arc<Mutex<HashMap<u32, PublicKey>>>> = OnceLock::new();
+    SeededKeys::of(&id, CACHE.get_or_init(SeededKeys::cache))
+}
+
+/// A scheduler for node `id` with its keys.
+pub fn scheduler(id: u32, config: SchedulerConfig) -> Scheduler<u32> {
+    Scheduler::new(id, config, keys(id))
+}
+
+/// A scheduler for node `id` whose view starts from `table`.
+pub fn scheduler_with(
+    id: u32,
+    config: SchedulerConfig,
+    table: Arc<MemberTable<u32>>,
+) -> Scheduler<u32> {
+    Scheduler::with_members(id, config, keys(id), table)
+}
+
+/// A claim of `host` on replica `index` of `spec`, awarded (and signed) by `issuer`.
+pub fn claim(
+    spec: &WorkloadSpec,
+    index: ReplicaIndex,
+    epoch: u64,
+    host: u32,
+    issuer: u32,
+    state: ReplicaState,
+) -> ReportedReplica<u32> {
+    let m = award_message(
+        &spec.id,
+        spec.generation,
+        &spec.content,
+        index,
+        epoch,
+        &host,
+        &issuer,
+    );
+    ReportedReplica {
+        index,
+        epoch,
+        state,
+        relinquish: false,
+        award: AwardProof {
+            issuer,
+            sig: keys(issuer).sign(&m),
+        },
+    }
+}
 
 pub struct Node {
     pub sched: Scheduler<u32>,
@@ -23,17 +79,31 @@ pub struct Node {
     pub alive: bool,
     /// What the fake driver runs.
     pub running: BTreeMap<ReplicaId, Replica>,
-    pub persisted: Option<LocalAssignments>,
+    pub persisted: Option<LocalAssignments<u32>>,
     /// Whom this node currently believes up.
     pub sees: BTreeSet<u32>,
     /// Starts fail on this node.
     pub broken: bool,
+    /// Starts never finish on this node (it neither runs nor fails).
+    pub stuck: bool,
     pub starts: u64,
 }
 
 enum Ev {
-    Msg { from: u32, to: u32, msg: Message },
-    Started { node: u32, id: ReplicaId },
+    Msg {
+        from: u32,
+        to: u32,
+        msg: Message<u32>,
+    },
+    Started {
+        node: u32,
+        id: ReplicaId,
+    },
+    /// The answer to a node's fetch of a manifest (anti-entropy with a peer).
+    Fetched {
+        node: u32,
+        spec: WorkloadSpec,
+    },
 }
 
 pub struct Cluster {
@@ -47,6 +117,8 @@ pub struct Cluster {
     pub start_delay: Millis,
     /// Returns true to drop a message (`now, from, to, msg`).
     pub filter: Option<Filter>,
+    /// Rewrites every message as it is sent (a malicious node's lies).
+    pub tamper: Option<Tamper>,
     groups: Option<Vec<BTreeSet<u32>>>,
     isolated: BTreeSet<u32>,
     /// Links cut in both directions.
@@ -54,9 +126,13 @@ pub struct Cluster {
     pub config: SchedulerConfig,
     pub specs: BTreeMap<WorkloadId, WorkloadSpec>,
     /// Every message sent between distinct nodes (delivered or not): (time, from, to, msg).
-    pub log: Vec<(Millis, u32, u32, Message)>,
+    pub log: Vec<(Millis, u32, u32, Message<u32>)>,
     pub keep_log: bool,
     pub sent: u64,
+    /// Every refusal a node reported: (time, node, sender, message kind, reason).
+    pub refusals: Vec<(Millis, u32, u32, &'static str, Refusal)>,
+    /// Every fetch a node asked for: (time, node, from whom, workload).
+    pub fetches: Vec<(Millis, u32, u32, WorkloadId)>,
 }
 
 pub fn info(cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
@@ -108,7 +184,7 @@ impl Cluster {
         for id in 0..n {
             let info = info_of(id);
             c.nodes
-                .insert(id, Node::new(Scheduler::new(id, c.config.clone()), info));
+                .insert(id, Node::new(scheduler(id, c.config.clone()), info));
         }
         for id in 0..n {
             let info = c.nodes[&id].info.clone();
@@ -124,7 +200,7 @@ impl Cluster {
         let table = Arc::new(MemberTable::new((0..n).map(|i| (i, info_of(i)))));
         for id in 0..n {
             let mut node = Node::new(
-                Scheduler::with_members(id, c.config.clone(), table.clone()),
+                scheduler_with(id, c.config.clone(), table.clone()),
                 info_of(id),
             );
             node.sees = (0..n).filter(|&j| j != id).collect();
@@ -146,6 +222,7 @@ impl Cluster {
             latency_of: None,
             start_delay: 10,
             filter: None,
+            tamper: None,
             groups: None,
             isolated: BTreeSet::new(),
             cut: BTreeSet::new(),
@@ -154,6 +231,8 @@ impl Cluster {
             log: Vec::new(),
             keep_log: true,
             sent: 0,
+            refusals: Vec::new(),
+            fetches: Vec::new(),
         }
     }
 
@@ -224,7 +303,10 @@ impl Cluster {
     pub fn apply(&mut self, node: u32, outs: Vec<Output<u32>>) {
         for o in outs {
             match o {
-                Output::Send { to, msg } => {
+                Output::Send { to, mut msg } => {
+                    if let Some(t) = self.tamper.as_mut() {
+                        t(node, to, &mut msg);
+                    }
                     self.sent += 1;
                     if self.keep_log {
                         self.log.push((self.now, node, to, msg.clone()));
@@ -247,8 +329,10 @@ impl Cluster {
                     n.starts += 1;
                     let id = replica.id.clone();
                     n.running.insert(id.clone(), replica);
-                    let at = self.now + self.start_delay;
-                    self.push(at, Ev::Started { node, id });
+                    if !n.stuck {
+                        let at = self.now + self.start_delay;
+                        self.push(at, Ev::Started { node, id });
+                    }
                 }
                 Output::Stop { replica } => {
                     let n = self.nodes.get_mut(&node).unwrap();
@@ -256,6 +340,25 @@ impl Cluster {
                 }
                 Output::Persist(la) => {
                     self.nodes.get_mut(&node).unwrap().persisted = Some(la);
+                }
+                Output::Fetch { from, workload } => {
+                    self.fetches
+                        .push((self.now, node, from, workload.id.clone()));
+                    // The peer answers with the newest signed manifest it has (the cluster's).
+                    if self.connected(node, from)
+                        && let Some(spec) = self.specs.get(&workload.id)
+                    {
+                        let at = self.now + 2 * self.latency;
+                        let spec = spec.clone();
+                        self.push(at, Ev::Fetched { node, spec });
+                    }
+                }
+                Output::Refused {
+                    from,
+                    message,
+                    reason,
+                } => {
+                    self.refusals.push((self.now, node, from, message, reason));
                 }
             }
         }
@@ -268,10 +371,29 @@ impl Cluster {
 
     /// Gives every live node the desired state.
     pub fn submit(&mut self, spec: WorkloadSpec) {
+        let all = self.alive();
+        self.submit_to(spec, &all);
+    }
+
+    /// Gives the desired state to `nodes` only (the others fetch it when a message names it).
+    pub fn submit_to(&mut self, spec: WorkloadSpec, nodes: &[u32]) {
         self.specs.insert(spec.id.clone(), spec.clone());
-        for id in self.alive() {
+        for &id in nodes {
             self.input(id, Input::Workload(spec.clone()));
         }
+    }
+
+    /// Delivers `msg` to `to` as if `from` sent it now (an attacker's forgery).
+    pub fn inject(&mut self, from: u32, to: u32, msg: Message<u32>) {
+        self.input(to, Input::Message { from, msg });
+    }
+
+    /// Refusals of `reason` that node `at` reported about `from`.
+    pub fn refused(&self, at: u32, from: u32, reason: Refusal) -> usize {
+        self.refusals
+            .iter()
+            .filter(|r| r.1 == at && r.2 == from && r.4 == reason)
+            .count()
     }
 
     pub fn run_for(&mut self, ms: Millis) {
@@ -340,6 +462,7 @@ impl Cluster {
                     self.input(node, Input::ReplicaStarted { replica: id });
                 }
             }
+            Ev::Fetched { node, spec } => self.input(node, Input::Workload(spec)),
         }
     }
 
@@ -360,7 +483,7 @@ impl Cluster {
         let info = self.nodes[&id].info.clone();
         {
             let n = self.nodes.get_mut(&id).unwrap();
-            n.sched = Scheduler::new(id, cfg);
+            n.sched = scheduler(id, cfg);
             n.alive = true;
             n.running.clear();
             n.sees.clear();
@@ -390,7 +513,7 @@ impl Cluster {
 
     /// A new node joins (it learns the desired state, then everyone sees it).
     pub fn add_node(&mut self, id: u32, info: NodeInfo) {
-        let sched = Scheduler::new(id, self.config.clone());
+        let sched = scheduler(id, self.config.clone());
         self.nodes.insert(id, Node::new(sched, info.clone()));
         self.input(id, Input::NodeUp { node: id, info });
         let specs: Vec<WorkloadSpec> = self.specs.values().cloned().collect();
@@ -517,6 +640,7 @@ impl Node {
             persisted: None,
             sees: BTreeSet::new(),
             broken: false,
+            stuck: false,
             starts: 0,
         }
     }

@@ -9,9 +9,12 @@ use std::rc::Rc;
 
 use beemesh_manifest::workload::Spread;
 
-use super::harness::{Cluster, info, spec, test_config};
+use super::harness::{Cluster, claim, info, keys, scheduler, scheduler_with, spec, test_config};
 use crate::message::{Award, Revoke, RevokeReason, SlotAward};
-use crate::{Digest, Input, Message, Output, ReplicaState, Scheduler, SchedulerConfig};
+use crate::{
+    Digest, Input, Message, Output, ReplicaState, Scheduler, SchedulerConfig, WorkloadRef,
+    award_message,
+};
 
 fn uniform(n: u32) -> Cluster {
     Cluster::new(n, |_| info(1000, 1000, &[]), test_config())
@@ -24,7 +27,7 @@ fn settle(c: &mut Cluster) {
 /// Steps until a message matching `pred` is in the log; returns it (time, from, to).
 fn step_until(
     c: &mut Cluster,
-    mut pred: impl FnMut(&(u64, u32, u32, Message)) -> bool,
+    mut pred: impl FnMut(&(u64, u32, u32, Message<u32>)) -> bool,
 ) -> (u64, u32, u32) {
     for _ in 0..10_000 {
         if let Some(m) = c.log.iter().find(|m| pred(m)) {
@@ -231,22 +234,43 @@ fn the_coordinator_dying_between_award_and_acceptance_loses_nothing() {
 
 #[test]
 fn a_stale_revoke_does_not_stop_a_newer_claim() {
-    let mut s = Scheduler::new(1u32, test_config());
-    s.handle(
-        Input::NodeUp {
-            node: 1,
-            info: info(1000, 1000, &[]),
-        },
+    let mut s = scheduler(1u32, test_config());
+    for node in [1, 2] {
+        s.handle(
+            Input::NodeUp {
+                node,
+                info: info(1000, 1000, &[]),
+            },
+            0,
+        );
+    }
+    // A workload node 2 coordinates.
+    let name = (0..)
+        .map(|i| format!("w{i}"))
+        .find(|n| s.coordinator(&crate::WorkloadId::new("default", n)) == Some(2))
+        .unwrap();
+    let w = spec(&name, 1, Spread::Node);
+    s.handle(Input::Workload(w.clone()), 0);
+    let sig = keys(2).sign(&award_message(
+        &w.id,
+        w.generation,
+        &w.content,
         0,
-    );
-    let w = spec("w", 1, Spread::Node);
+        5,
+        &1u32,
+        &2u32,
+    ));
     let out = s.handle(
         Input::Message {
             from: 2,
             msg: Message::Award(Award {
                 round: 1,
-                spec: w.clone().into(),
-                slots: vec![SlotAward { index: 0, epoch: 5 }],
+                workload: WorkloadRef::of(&w),
+                slots: vec![SlotAward {
+                    index: 0,
+                    epoch: 5,
+                    sig,
+                }],
             }),
         },
         10,
@@ -356,13 +380,13 @@ fn a_replica_failing_everywhere_it_starts_is_restarted_then_given_back() {
 
 #[test]
 fn an_overtaken_report_frees_nothing_but_a_restarted_hosts_report_does() {
-    use crate::message::{Report, ReportedReplica, ReportedWorkload};
+    use crate::message::{Report, ReportedWorkload};
     use std::sync::Arc;
     // Node 0 coordinates the workload; node 1 holds its three replicas.
     let table = Arc::new(crate::MemberTable::new(
         (0u32..3).map(|i| (i, info(1000, 1000, &[]))),
     ));
-    let probe = Scheduler::with_members(0u32, test_config(), table.clone());
+    let probe = scheduler_with(0u32, test_config(), table.clone());
     let name = (0..)
         .map(|i| format!("w{i}"))
         .find(|n| probe.coordinator(&crate::WorkloadId::new("default", n)) == Some(0))
@@ -373,15 +397,10 @@ fn an_overtaken_report_frees_nothing_but_a_restarted_hosts_report_does() {
         msg: Message::Report(Report {
             seq,
             workloads: vec![ReportedWorkload {
-                spec: Arc::new(w.clone()),
+                workload: WorkloadRef::of(&w),
                 replicas: indexes
                     .iter()
-                    .map(|&index| ReportedReplica {
-                        index,
-                        epoch: 1,
-                        state: ReplicaState::Running,
-                        relinquish: false,
-                    })
+                    .map(|&index| claim(&w, index, 1, 1, 0, ReplicaState::Running))
                     .collect(),
             }],
         }),
@@ -392,7 +411,7 @@ fn an_overtaken_report_frees_nothing_but_a_restarted_hosts_report_does() {
             .map(|p| p.1)
             .collect::<BTreeSet<u32>>()
     };
-    let mut s = Scheduler::with_members(0u32, test_config(), table);
+    let mut s = scheduler_with(0u32, test_config(), table);
     s.handle(Input::Workload(w.clone()), 0);
     s.handle(report(7, &[0, 1, 2]), 100);
     // The host's previous report arrives late: slot 1 is not freed.
@@ -414,7 +433,7 @@ fn coordinator_among_agrees_with_every_scheduler_view() {
         let table = Arc::new(crate::MemberTable::new(
             nodes.iter().map(|&i| (i, info(1000, 1000, &[]))),
         ));
-        let probe = Scheduler::with_members(0u32, test_config(), table);
+        let probe = scheduler_with(0u32, test_config(), table);
         for k in 0..200 {
             let w = crate::WorkloadId::new("default", format!("w{k}"));
             assert_eq!(

@@ -6,12 +6,11 @@ use std::collections::BTreeSet;
 
 use beemesh_manifest::workload::Spread;
 
-use super::harness::{Cluster, info, spec, test_config};
+use super::harness::{Cluster, claim, info, scheduler, scheduler_with, spec, test_config};
 use crate::hash::stable_hash;
 use crate::members::node_ring;
 use crate::{
-    Input, LocalAssignments, Message, NodeKey, ReplicaState, RestoreError, Scheduler, WorkloadId,
-    tiebreak,
+    Input, LocalAssignments, Message, NodeKey, ReplicaState, RestoreError, WorkloadId, tiebreak,
 };
 
 fn uniform(n: u32) -> Cluster {
@@ -150,24 +149,28 @@ fn p2_bids_score_free_capacity_and_prefer() {
     c.submit(sunny.clone());
     c.run_for(1_000);
     assert_eq!(c.running(&sunny.id)[0].0, 2, "the preferred node wins");
-    // Tenders carry the count and the resources; bids carry distinct scores.
+    // Tenders name the workload's generation (each node takes the count and the resources
+    // from its own verified copy); bids carry distinct scores.
     let tenders: Vec<_> = c
         .log
         .iter()
         .filter_map(|m| match &m.3 {
-            Message::Tender(t) if t.spec.id == plain.id => Some(t.clone()),
+            Message::Tender(t) if t.workload.id == plain.id => Some((m.1, t.clone())),
             _ => None,
         })
         .collect();
     assert!(!tenders.is_empty());
-    assert!(
-        tenders
-            .iter()
-            .all(|t| t.wanted == 1 && t.spec.replicas == 1 && t.spec.resources.cpu == 100)
-    );
+    assert!(tenders.iter().all(|(_, t)| t.wanted == 1
+        && t.workload.generation == plain.generation
+        && t.workload.content == plain.content));
+    let tender = tenders[0].1.clone();
     let mut scores = BTreeSet::new();
     for n in 0..3u32 {
-        let mut s = Scheduler::new(n, test_config());
+        // Node n with its capacity, asked by a coordinator of its own view.
+        let coordinator = (10u32..)
+            .find(|x| crate::coordinator_among(&plain.id, &[n, *x]) == Some(*x))
+            .unwrap();
+        let mut s = scheduler(n, test_config());
         s.handle(
             Input::NodeUp {
                 node: n,
@@ -175,10 +178,18 @@ fn p2_bids_score_free_capacity_and_prefer() {
             },
             0,
         );
+        s.handle(
+            Input::NodeUp {
+                node: coordinator,
+                info: info(1, 1, &[]),
+            },
+            0,
+        );
+        s.handle(Input::Workload(plain.clone()), 0);
         let out = s.handle(
             Input::Message {
-                from: 9,
-                msg: Message::Tender(tenders[0].clone()),
+                from: coordinator,
+                msg: Message::Tender(tender.clone()),
             },
             0,
         );
@@ -402,7 +413,7 @@ fn p5_restart_without_network_restarts_persisted_replicas() {
 
 #[test]
 fn p5_restore_refuses_a_newer_format() {
-    let mut s = Scheduler::new(1u32, test_config());
+    let mut s = scheduler(1u32, test_config());
     let err = s
         .restore(
             LocalAssignments {
@@ -493,40 +504,36 @@ fn p7_equal_bids_are_decided_by_rendezvous_hash_not_arrival_order() {
 
 #[test]
 fn p7_equal_claims_are_decided_by_rendezvous_hash_not_report_order() {
-    use crate::message::{Report, ReportedReplica, ReportedWorkload};
+    use crate::message::{Report, ReportedWorkload};
     // A workload node 0 coordinates among nodes 0..3.
     let table = std::sync::Arc::new(crate::MemberTable::new(
         (0u32..3).map(|i| (i, info(1000, 1000, &[]))),
     ));
-    let probe = Scheduler::with_members(0u32, test_config(), table.clone());
+    let probe = scheduler_with(0u32, test_config(), table.clone());
     let name = (0..)
         .map(|i| format!("w{i}"))
         .find(|n| probe.coordinator(&WorkloadId::new("default", n)) == Some(0))
         .unwrap();
     let w = spec(&name, 1, Spread::Node);
-    let report = |epoch| {
+    // Two hosts hold equal awards of node 0 (the same epoch, as after a partition).
+    let report = |host, epoch| {
         Message::Report(Report {
             seq: 0,
             workloads: vec![ReportedWorkload {
-                spec: w.clone().into(),
-                replicas: vec![ReportedReplica {
-                    index: 0,
-                    epoch,
-                    state: ReplicaState::Running,
-                    relinquish: false,
-                }],
+                workload: crate::WorkloadRef::of(&w),
+                replicas: vec![claim(&w, 0, epoch, host, 0, ReplicaState::Running)],
             }],
         })
     };
     let holder = |order: [u32; 2]| {
-        let mut s = Scheduler::with_members(0u32, test_config(), table.clone());
+        let mut s = scheduler_with(0u32, test_config(), table.clone());
         s.handle(Input::Workload(w.clone()), 0);
         let mut revoked = Vec::new();
         for from in order {
             for o in s.handle(
                 Input::Message {
                     from,
-                    msg: report(7),
+                    msg: report(from, 7),
                 },
                 10,
             ) {
@@ -581,7 +588,7 @@ fn messages_per_replica(n: u32) -> (f64, usize) {
         .map(|w| {
             c.log
                 .iter()
-                .filter(|m| matches!(&m.3, Message::Tender(t) if &t.spec.id == w))
+                .filter(|m| matches!(&m.3, Message::Tender(t) if &t.workload.id == w))
                 .map(|m| m.2)
                 .collect::<BTreeSet<u32>>()
                 .len()
