@@ -1,10 +1,12 @@
 //! Hand-built libp2p peers that misbehave against a real mesh node: one that never presents a
-//! ticket, and one that is admitted and then sends garbage on every channel it has.
+//! ticket, one that is admitted and then sends garbage on every channel it has, and ones that
+//! record what honest nodes show them (a dialed host, an admitted insider) and replay it.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use beemesh_manifest::ticket::Presentation;
 use beemesh_mesh::{Keypair, PeerId};
 use common::*;
 use futures::StreamExt;
@@ -110,6 +112,10 @@ struct Hello {
     #[serde(default)]
     ticket: ByteBuf,
     #[serde(default)]
+    proof: ByteBuf,
+    #[serde(default)]
+    nonce: ByteBuf,
+    #[serde(default)]
     seq: u64,
     #[serde(default)]
     payload: ByteBuf,
@@ -191,12 +197,22 @@ async fn garbage_from_an_admitted_peer_crashes_nothing() {
     }
     r.dial(a.addr.clone()).expect("dial");
 
-    // Admission, speaking a newer dialect: the unknown field is ignored.
-    let ticket = ByteBuf::from(fleet_ticket(&admission()));
+    // Admission, speaking a newer dialect: the unknown field is ignored. The rogue holds a
+    // fleet ticket and its key, and makes its proofs itself.
+    let creds = fleet_ticket(&admission());
+    let parsed = creds.parsed();
+    let r_b58 = r_peer.to_base58();
+    let prove =
+        |p: &Presentation<'_>| ByteBuf::from(parsed.prove(creds.key.as_ref(), p).expect("proves"));
+    let ticket = ByteBuf::from(creds.ticket.clone());
+    let request_proof = prove(&Presentation::request(&r_b58, &a.peer.to_base58()));
+    let announce_proof = prove(&Presentation::announcement(&r_b58));
     let reply = drive(&mut r, WAIT, "the admission reply", |s, e| match e {
         SwarmEvent::ConnectionEstablished { peer_id, .. } => {
             let hello = Hello {
                 ticket: ticket.clone(),
+                proof: request_proof.clone(),
+                nonce: ByteBuf::from(vec![1; 32]),
                 seq: 1,
                 payload: ByteBuf::from(b"rogue".to_vec()),
                 addrs: vec![],
@@ -233,14 +249,19 @@ async fn garbage_from_an_admitted_peer_crashes_nothing() {
     .await;
 
     let announce = gossipsub::IdentTopic::new("/beemesh/announce/1");
-    let foreign_ticket = fleet_ticket(&beemesh_manifest::SecretKey::from_seed([9; 32]));
+    let foreign = fleet_ticket(&beemesh_manifest::SecretKey::from_seed([9; 32]));
+    let foreign_proof = foreign
+        .parsed()
+        .prove(foreign.key.as_ref(), &Presentation::announcement(&r_b58))
+        .expect("proves");
     let garbage: Vec<(gossipsub::IdentTopic, Vec<u8>)> = vec![
         (announce.clone(), vec![0xff, 0xfe, 0x00, 0x13]),
         (announce.clone(), vec![0xbf; 10_000]),
         (
             announce.clone(),
             cbor(&Hello {
-                ticket: ByteBuf::from(foreign_ticket),
+                ticket: ByteBuf::from(foreign.ticket),
+                proof: ByteBuf::from(foreign_proof),
                 seq: 99,
                 payload: ByteBuf::from(b"forged".to_vec()),
                 ..Default::default()
@@ -250,6 +271,7 @@ async fn garbage_from_an_admitted_peer_crashes_nothing() {
             announce.clone(),
             cbor(&Hello {
                 ticket: ticket.clone(),
+                proof: announce_proof.clone(),
                 seq: u64::MAX,
                 payload: ByteBuf::from(vec![b'x'; 70 * 1024]),
                 ..Default::default()
