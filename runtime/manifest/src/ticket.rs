@@ -304,12 +304,13 @@ impl Ticket {
         self.peer.is_none()
     }
 
-    /// What this ticket admits; `None` for a version 1 fleet ticket (a bearer credential).
-    pub fn binding(&self) -> Option<Binding> {
+    /// What this ticket admits; an error for a version 1 fleet ticket, which binds nothing
+    /// (a bearer credential, refused).
+    pub fn binding(&self) -> Result<Binding, TicketError> {
         match (&self.peer, self.holder) {
-            (Some(p), _) => Some(Binding::Peer(p.clone())),
-            (None, Some(k)) => Some(Binding::Holder(k)),
-            (None, None) => None,
+            (Some(p), _) => Ok(Binding::Peer(p.clone())),
+            (None, Some(k)) => Ok(Binding::Holder(k)),
+            (None, None) => Err(self.bearer()),
         }
     }
 
@@ -417,9 +418,9 @@ impl Ticket {
         ticket_key: Option<&SecretKey>,
         presentation: &Presentation<'_>,
     ) -> Result<Vec<u8>, TicketError> {
-        match self.binding() {
-            Some(Binding::Peer(_)) => Ok(Vec::new()),
-            Some(Binding::Holder(holder)) => {
+        match self.binding()? {
+            Binding::Peer(_) => Ok(Vec::new()),
+            Binding::Holder(holder) => {
                 let key = ticket_key.ok_or(TicketError::NoTicketKey { holder })?;
                 if key.public() != holder {
                     return Err(TicketError::TicketKeyMismatch {
@@ -429,7 +430,6 @@ impl Ticket {
                 }
                 Ok(key.sign(&presentation.message(&self.id())).to_vec())
             }
-            None => Err(self.bearer()),
         }
     }
 
@@ -452,8 +452,8 @@ impl Ticket {
         admission
             .verify(&self.signing_message(), &self.sig)
             .map_err(|_| TicketError::BadSignature(self.key))?;
-        match self.binding() {
-            Some(Binding::Peer(bound)) => {
+        match self.binding()? {
+            Binding::Peer(bound) => {
                 if bound != presentation.prover {
                     return Err(TicketError::WrongPeer {
                         bound,
@@ -461,7 +461,7 @@ impl Ticket {
                     });
                 }
             }
-            Some(Binding::Holder(holder)) => {
+            Binding::Holder(holder) => {
                 if proof.is_empty() {
                     return Err(TicketError::NoProof { holder });
                 }
@@ -476,7 +476,6 @@ impl Ticket {
                         prover: presentation.prover.to_owned(),
                     })?;
             }
-            None => return Err(self.bearer()),
         }
         if let Some(exp) = self.expires
             && exp <= now
@@ -609,7 +608,7 @@ mod tests {
         let (b, kb) = Ticket::issue_fleet(&adm, NOW, None).expect("random");
         assert_ne!(ka.public(), kb.public());
         assert_eq!(a.holder, Some(ka.public()));
-        assert_eq!(b.binding(), Some(Binding::Holder(kb.public())));
+        assert_eq!(b.binding(), Ok(Binding::Holder(kb.public())));
         assert_eq!(a.check_own(&adm.public(), Some(&ka), PEER, NOW), Ok(()));
         // Another fleet ticket's key does not prove this one.
         assert!(matches!(
@@ -732,7 +731,10 @@ mod tests {
             "{text}"
         );
         let back = Ticket::parse("t", &text).expect("the old format still parses");
-        assert_eq!(back.binding(), None);
+        assert!(matches!(
+            back.binding(),
+            Err(TicketError::BearerTicket { .. })
+        ));
         let ann = Presentation::announcement(PEER);
         let e = back
             .verify(&adm.public(), &ann, &[], NOW)
