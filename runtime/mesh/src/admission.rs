@@ -55,6 +55,15 @@ pub fn parse_ticket(ticket: &[u8], prover: &str) -> Result<Ticket, AdmissionErro
     Ticket::parse(&source, text).map_err(|e| AdmissionError::Malformed(e.to_string()))
 }
 
+/// Checks the nonce of an admission request: at most [`MAX_NONCE_BYTES`]. (An empty one, from
+/// a node of an earlier release, leaves the reply's proof bound to both PeerIds only.)
+pub(crate) fn check_nonce(nonce: &[u8]) -> Result<(), AdmissionError> {
+    if nonce.len() > MAX_NONCE_BYTES {
+        return Err(AdmissionError::NonceTooLarge { size: nonce.len() });
+    }
+    Ok(())
+}
+
 /// Checks that `ticket` (the ticket file's bytes) with `proof` admits `presentation.prover`
 /// at `now` under the `admission` key. The caller has authenticated the prover (noise, or
 /// gossipsub's signature). Returns the ticket's expiry (`None`: it never expires).
@@ -153,6 +162,15 @@ mod tests {
             check_ticket(&forged, &[], &req, &adm.public(), NOW),
             Err(AdmissionError::Refused(TicketError::WrongKey { .. }))
         ));
+    }
+
+    #[test]
+    fn nonces_are_bounded() {
+        assert_eq!(check_nonce(&[]), Ok(()));
+        assert_eq!(check_nonce(&[1; MAX_NONCE_BYTES]), Ok(()));
+        let e = check_nonce(&[1; 65]).expect_err("too long");
+        assert_eq!(e, AdmissionError::NonceTooLarge { size: 65 });
+        assert!(e.to_string().contains("65 bytes"), "{e}");
     }
 
     #[test]

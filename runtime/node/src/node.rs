@@ -391,7 +391,16 @@ pub async fn start(
     // A fleet ticket admits whoever proves it holds the ticket key: load that key. A peer
     // ticket needs none (noise authenticates the PeerId it names).
     let ticket_key = match parsed.holder {
-        None => None,
+        None => {
+            if let Some(k) = &cfg.trust.ticket_key {
+                tracing::warn!(
+                    "trust.ticket_key is {} but {} is a peer ticket, which needs no key: not read",
+                    k.display(),
+                    ticket_file.display()
+                );
+            }
+            None
+        }
         Some(holder) => {
             let key_file = ticket_key_path(&opts.config, opts.config_path.as_deref());
             let key = beemesh_manifest::SecretKey::load(&key_file).map_err(|e| NodeError::Read {

@@ -2,14 +2,14 @@
 
 use std::time::Instant;
 
-use beemesh_manifest::ticket::{MAX_NONCE_BYTES, Presentation};
+use beemesh_manifest::ticket::Presentation;
 use libp2p::PeerId;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
 use super::{EventLoop, PeerState, REJECT_GRACE, Status, clip, rfc3339};
-use crate::admission::{AdmissionError, check_ticket};
+use crate::admission::{AdmissionError, check_nonce, check_ticket};
 use crate::handle::MeshEvent;
 use crate::wire::{Hello, HelloReply};
 
@@ -88,11 +88,7 @@ impl EventLoop {
         peer: &PeerId,
         hello: &Hello,
     ) -> Result<Option<OffsetDateTime>, AdmissionError> {
-        if hello.nonce.len() > MAX_NONCE_BYTES {
-            return Err(AdmissionError::NonceTooLarge {
-                size: hello.nonce.len(),
-            });
-        }
+        check_nonce(&hello.nonce)?;
         let remote = peer.to_base58();
         self.verify_hello(hello, &Presentation::request(&remote, &self.local_b58))
     }
