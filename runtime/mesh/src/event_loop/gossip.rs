@@ -96,8 +96,6 @@ impl EventLoop {
         expires: Option<OffsetDateTime>,
         direct: bool,
     ) -> Change {
-        // Only an announcement's proof is remembered: the cache in `on_announcement` must
-        // never take a handshake's proof for an announcement's.
         if hello.payload.len() > MAX_ANNOUNCEMENT_BYTES {
             debug!(%peer, size = hello.payload.len(), "announcement too large: ignored");
             return Change::Stale;
@@ -107,6 +105,8 @@ impl EventLoop {
             payload: &hello.payload,
             addrs: hello.parsed_addrs(),
             ticket: &hello.ticket,
+            // Only a gossip announcement's proof is remembered: the cache of
+            // `verify_announcement` must never take a handshake's proof for an announcement's.
             announce_proof: (!direct).then_some(hello.proof.as_slice()),
             expires,
             direct,

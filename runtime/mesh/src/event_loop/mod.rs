@@ -62,7 +62,7 @@ pub(crate) async fn start(
     let local_b58 = local.to_base58();
     // This node's own ticket and its announcement proof. A ticket that does not admit this
     // node is presented anyway (peers refuse it and say why), so that the fault shows on both
-    // sides; the node refuses to start with one before it gets here.
+    // sides; `beemesh node` refuses to start with one before it gets here.
     let own_ticket = parse_ticket(&cfg.ticket, &local_b58);
     let own = Presentation::announcement(&local_b58);
     let own_check = own_ticket
