@@ -5,7 +5,8 @@
 #   beemesh-root  erofs, read-only: the Nix store (and /usr/bin/env), mounted at /usr (GPT
 #                 type usr); / is a tmpfs and /nix/store is bound from /usr/nix/store, as in
 #                 nixpkgs' appliance-repart-image-verity-store test
-#   BEEMESH       FAT, empty: host.toml, ticket, network/*.network (`beemesh image configure`)
+#   BEEMESH       FAT, empty: host.toml, ticket, ticket.key, network/*.network
+#                 (`beemesh image configure`)
 #   beemesh-data  ext4, created by systemd-repart at first boot and grown with the disk;
 #                 mounted at the node's data directory (node state and Podman storage)
 # Unlike the Debian image, /var itself is not the data partition: NixOS mounts /var in the

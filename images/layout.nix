@@ -20,8 +20,8 @@ rec {
       type = "usr";
       format = "erofs";
     };
-    # The host's own host.toml, ticket and network files, written by
-    # `beemesh image configure` or by hand from any OS. Its own GPT type, so tools can find
+    # The host's own host.toml, ticket (with a fleet ticket's ticket.key) and network files,
+    # written by `beemesh image configure` or by hand from any OS. Its own GPT type, so tools can find
     # it by type as well as by label, and systemd-repart never mistakes it for the data
     # partition.
     config = {

@@ -2,10 +2,11 @@
 #
 # `settings` is the host config (DESIGN.md section 2, docs/reference.md) as Nix: it is rendered
 # to host.toml and checked at build time with `beemesh config check`, so a wrong option fails
-# `nix build`, not the host at boot. Secrets never enter the Nix store: the admission ticket,
+# `nix build`, not the host at boot. Secrets never enter the Nix store: a fleet ticket's key,
 # the API token and a pre-made node identity reach the daemon as systemd credentials
-# (LoadCredential=). Rootless Podman for the node's user is ./podman.nix, the unit's
-# sandboxing ./hardening.nix, the appliance profile of the images ./appliance.nix.
+# (LoadCredential=), and so does the admission ticket itself. Rootless Podman for the node's
+# user is ./podman.nix, the unit's sandboxing ./hardening.nix, the appliance profile of the
+# images ./appliance.nix.
 {
   config,
   lib,
@@ -26,6 +27,7 @@ let
     inherit uid;
     podman = cfg.podman.enable;
     ticket = cfg.ticketFile != null;
+    ticketKey = cfg.ticketKeyFile != null;
     apiToken = cfg.apiTokenFile != null;
   };
 
@@ -42,6 +44,7 @@ let
 
   credentials =
     lib.optional (cfg.ticketFile != null) "ticket:${cfg.ticketFile}"
+    ++ lib.optional (cfg.ticketKeyFile != null) "ticket.key:${cfg.ticketKeyFile}"
     ++ lib.optional (cfg.apiTokenFile != null) "api-token:${cfg.apiTokenFile}"
     ++ lib.optional (cfg.nodeKeyFile != null) "node.key:${cfg.nodeKeyFile}";
 
@@ -161,7 +164,8 @@ in
         The host config, `host.toml` (see docs/reference.md for every key). Rendered to TOML
         and checked with `beemesh config check` at build time. The module sets `node.data_dir`,
         `runtime`, `api.socket`, `sandbox.landlock` and, with
-        {option}`services.beemesh.ticketFile`, `trust.ticket` (all with `mkDefault`); a
+        {option}`services.beemesh.ticketFile` and {option}`services.beemesh.ticketKeyFile`,
+        `trust.ticket` and `trust.ticket_key` (all with `mkDefault`); a
         `[trust]` section with at least `domain` and `signers` must come from you (or from
         the config partition, see {option}`services.beemesh.configPartition.enable`).
       '';
@@ -195,8 +199,22 @@ in
       example = "/run/keys/beemesh-ticket";
       description = ''
         This node's admission ticket (`beemesh ticket issue`), passed to the daemon as a
-        systemd credential; `trust.ticket` then points at it. A path outside the Nix store
-        (which is world-readable): a fleet ticket admits whoever holds it.
+        systemd credential; `trust.ticket` then points at it. The ticket itself admits nobody
+        (a fleet ticket needs its key, {option}`services.beemesh.ticketKeyFile`; a peer ticket
+        names its node's PeerId), but keep it out of the Nix store anyway.
+      '';
+    };
+
+    ticketKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/keys/beemesh-ticket.key";
+      description = ''
+        The secret key of a fleet ticket (the `FILE.key` that `beemesh ticket issue --out
+        FILE` writes beside it), passed to the daemon as a systemd credential;
+        `trust.ticket_key` then points at it. Required with a fleet ticket, not used with a
+        peer ticket (`--peer`). A path outside the Nix store (which is world-readable): the
+        key is what makes a fleet ticket admit its holder.
       '';
     };
 
@@ -238,7 +256,8 @@ in
           {option}`services.beemesh.configPartition.label` at boot, as flashed images do
           (DESIGN.md section 8): its files are copied to `/run/beemesh/config`, whose
           `host.toml` (with the `ticket` beside it) the daemon prefers to
-          `/etc/beemesh/host.toml`, and its `network/*.network` files configure
+          `/etc/beemesh/host.toml` (a fleet ticket's `ticket.key` is beside the ticket too),
+          and its `network/*.network` files configure
           systemd-networkd. The partition's `host.toml` must keep `node.data_dir` at
           {option}`services.beemesh.dataDir`, the only directory the unit may write.
         '';
@@ -260,6 +279,13 @@ in
           services.beemesh: the host config needs a [trust] section: set
           services.beemesh.settings.trust (domain, signers, admission), or
           services.beemesh.configFile, or enable services.beemesh.configPartition.
+        '';
+      }
+      {
+        assertion = cfg.ticketKeyFile == null || cfg.ticketFile != null;
+        message = ''
+          services.beemesh: ticketKeyFile is set without ticketFile; the key belongs to a
+          fleet ticket: set services.beemesh.ticketFile too.
         '';
       }
       {

@@ -11,6 +11,8 @@
   podman ? true,
   # services.beemesh.ticketFile is set: the ticket arrives as a systemd credential.
   ticket ? false,
+  # services.beemesh.ticketKeyFile is set: a fleet ticket's secret key, likewise.
+  ticketKey ? false,
   # services.beemesh.apiTokenFile is set: the bearer token of [api] listen, likewise.
   apiToken ? false,
 }:
@@ -42,4 +44,13 @@ in
 
   sandbox.landlock = "required";
 }
-// (if ticket then { trust.ticket = "${pure.credentialsDir}/ticket"; } else { })
+// (
+  if ticket || ticketKey then
+    {
+      trust =
+        (if ticket then { ticket = "${pure.credentialsDir}/ticket"; } else { })
+        // (if ticketKey then { ticket_key = "${pure.credentialsDir}/ticket.key"; } else { });
+    }
+  else
+    { }
+)

@@ -11,7 +11,8 @@ runCommand "beemesh-vm-test-fixtures" { nativeBuildInputs = [ beemesh ]; } ''
   beemesh key gen --out operator.key > operator.pub
   beemesh key gen --out admission.key > admission.pub
   beemesh key gen --out stranger.key > stranger.pub
-  # A fleet ticket: admits any node that holds it.
+  # A fleet ticket (fleet.ticket) and its ticket secret key (fleet.ticket.key): admits any
+  # node that holds both.
   beemesh ticket issue --key admission.key --out fleet.ticket
 
   workload() {

@@ -45,6 +45,7 @@ let
       signers = ["$(cat ${fixtures}/operator.pub)"]
       admission = "$(cat ${fixtures}/admission.pub)"
       ticket = "${pure.credentialsDir}/ticket"
+      ticket_key = "${pure.credentialsDir}/ticket.key"
       EOF
       ${lib.getExe beemesh} config check $out
     '';
@@ -73,6 +74,9 @@ let
         enable = true;
         openFirewall = true;
         ticketFile = "${fixtures}/fleet.ticket";
+        # The fleet ticket's secret key (a test fixture in the store; a real host keeps it
+        # out of the world-readable store).
+        ticketKeyFile = "${fixtures}/fleet.ticket.key";
         settings = {
           node = {
             name = nodeName i;

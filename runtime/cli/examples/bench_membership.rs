@@ -283,11 +283,13 @@ impl Beemesh {
         let operator = SecretKey::generate().context("an operator key")?;
         let now = OffsetDateTime::now_utc();
         let ticket = dir.join("fleet.ticket");
-        std::fs::write(
-            &ticket,
-            Ticket::issue(&admission, None, now, None).to_toml(),
-        )
-        .with_context(|| format!("{}", ticket.display()))?;
+        let (fleet, ticket_key) = Ticket::issue_fleet(&admission, now, None)?;
+        std::fs::write(&ticket, fleet.to_toml())
+            .with_context(|| format!("{}", ticket.display()))?;
+        // Beside the ticket, where the nodes look for it by default (this run's own file).
+        let key_file = beemesh_manifest::ticket::default_key_path(&ticket);
+        let _ = std::fs::remove_file(&key_file);
+        ticket_key.save_new(&key_file)?;
         Ok(Self {
             bin: bin.to_owned(),
             dir: dir.to_owned(),

@@ -55,9 +55,12 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
     }
     let config_file = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
     let ticket = beemesh_node::node::ticket_path(&config, Some(&path));
+    // A fleet ticket's secret key (absent for a peer ticket: a missing path adds no rule).
+    let ticket_key = beemesh_node::node::ticket_key_path(&config, Some(&path));
     let socket = podman_socket(&config);
     let mut policy = SandboxPolicy::for_daemon(&config, &[config_file], socket.as_deref());
     policy.read_only.push(ticket);
+    policy.read_only.push(ticket_key);
     if config.runtime.driver == beemesh_manifest::host::Driver::Process {
         // Workloads of the process driver inherit the daemon's Landlock domain: they need
         // the system paths to run programs.

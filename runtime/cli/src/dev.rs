@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use beemesh_driver::ContainerDriver;
-use beemesh_manifest::ticket::Ticket;
+use beemesh_manifest::ticket::{Ticket, default_key_path};
 use beemesh_manifest::{HostConfig, SecretKey};
 use beemesh_node::{NodeOptions, RunningNode, logging};
 use clap::{Args, ValueEnum};
@@ -231,6 +231,7 @@ domain = "dev.beemesh.local"
 signers = ["{op}"]
 admission = "{adm}"
 ticket = {ticket}
+ticket_key = {ticket_key}
 
 [runtime]
 {runtime}
@@ -250,6 +251,7 @@ landlock = "best-effort"
         op = operator.public(),
         adm = admission.public(),
         ticket = toml_str(&format!("{root}/fleet.ticket")),
+        ticket_key = toml_str(&format!("{root}/fleet.ticket.key")),
         sock = toml_str(&format!("{node}/api.sock")),
     )
 }
@@ -409,8 +411,19 @@ pub fn dev(a: &DevArgs) -> anyhow::Result<()> {
     let operator = key_at("operator.key")?;
     let admission = key_at("admission.key")?;
     let ticket_path = root.join("fleet.ticket");
-    if !ticket_path.exists() {
-        let t = Ticket::issue(&admission, None, time::OffsetDateTime::now_utc(), None);
+    let ticket_key_path = default_key_path(&ticket_path);
+    let usable = std::fs::read_to_string(&ticket_path)
+        .ok()
+        .and_then(|t| Ticket::parse(&ticket_path.display().to_string(), &t).ok())
+        .is_some_and(|t| t.holder.is_some())
+        && ticket_key_path.exists();
+    if !usable {
+        // A first run, or a directory from a release whose fleet tickets had no ticket key
+        // (those are refused now): this directory's own files, so they are replaced.
+        let (t, k) = Ticket::issue_fleet(&admission, time::OffsetDateTime::now_utc(), None)?;
+        let _ = std::fs::remove_file(&ticket_key_path);
+        k.save_new(&ticket_key_path)
+            .with_context(|| format!("writing {}", ticket_key_path.display()))?;
         std::fs::write(&ticket_path, t.to_toml())
             .with_context(|| format!("cannot write {}", ticket_path.display()))?;
     }

@@ -74,9 +74,14 @@ pub struct ConfigureArgs {
     #[arg(long, value_name = "HOST.toml")]
     host: PathBuf,
 
-    /// The host's admission ticket (`beemesh ticket issue`).
+    /// The host's admission ticket (`beemesh ticket issue`). A fleet ticket's secret key is
+    /// copied with it, from FILE.key unless --ticket-key says otherwise.
     #[arg(long, value_name = "FILE")]
     ticket: Option<PathBuf>,
+
+    /// The fleet ticket's secret key (default: the ticket's path plus `.key`).
+    #[arg(long, value_name = "FILE", requires = "ticket")]
+    ticket_key: Option<PathBuf>,
 
     /// Bootstrap peers, one multiaddr (ending in /p2p/<peer-id>) per line: merged into the
     /// host config's [mesh] bootstrap.
@@ -204,6 +209,7 @@ fn configure(a: &ConfigureArgs, format: Format) -> anyhow::Result<()> {
     let opts = ConfigureOptions {
         host: a.host.clone(),
         ticket: a.ticket.clone(),
+        ticket_key: a.ticket_key.clone(),
         bootstrap: a.bootstrap.clone(),
         token: a.token.clone(),
         network: a.network.clone(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use beemesh_manifest::SecretKey;
-use beemesh_manifest::ticket::Ticket;
+use beemesh_manifest::ticket::{Binding, Ticket, default_key_path};
 use clap::Args;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -19,7 +19,8 @@ pub struct IssueArgs {
     key: PathBuf,
 
     /// Bind the ticket to one node's PeerId (`beemesh status` shows it). Without it, the
-    /// ticket is a fleet ticket: it admits any node that holds it.
+    /// ticket is a fleet ticket bound to a new ticket key pair: it admits any node that holds
+    /// the ticket *and* its ticket secret key, written to `OUT.key`.
     #[arg(long, value_name = "PEER_ID")]
     peer: Option<String>,
 
@@ -28,7 +29,8 @@ pub struct IssueArgs {
     #[arg(long, value_name = "TIME|DURATION", value_parser = parse_expiry)]
     expires: Option<Expiry>,
 
-    /// Where to write the ticket (a new file; existing files are not overwritten).
+    /// Where to write the ticket (a new file; existing files are not overwritten). A fleet
+    /// ticket's secret key goes to FILE.key (0600), which must not exist either.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 }
@@ -77,23 +79,60 @@ pub fn issue(a: &IssueArgs, format: Format) -> anyhow::Result<()> {
     {
         anyhow::bail!("--expires is in the past; the ticket would admit nobody");
     }
-    let ticket = Ticket::issue(&key, a.peer.clone(), now, expires);
-    write_new(&a.out, ticket.to_toml().as_bytes())?;
-    let expires_text = ticket.expires.and_then(|e| e.format(&Rfc3339).ok());
-    match format {
-        Format::Text => eprintln!(
-            "{} ticket written to {} (admission key {}, {})",
-            if ticket.is_fleet() { "fleet" } else { "peer" },
-            a.out.display(),
-            ticket.key,
-            expires_text
-                .as_deref()
-                .map_or("never expires".to_owned(), |e| format!("expires {e}")),
+    let key_file = default_key_path(&a.out);
+    let (ticket, ticket_key) = match &a.peer {
+        Some(p) => (
+            Ticket::issue(&key, Binding::Peer(p.clone()), now, expires),
+            None,
         ),
+        None => {
+            // Refuse before anything is written: the ticket and its key go together.
+            for f in [&a.out, &key_file] {
+                if f.exists() {
+                    anyhow::bail!("{}: already exists; refusing to overwrite it", f.display());
+                }
+            }
+            let (t, k) = Ticket::issue_fleet(&key, now, expires)?;
+            (t, Some(k))
+        }
+    };
+    if let Some(k) = &ticket_key {
+        k.save_new(&key_file)?;
+    }
+    if let Err(e) = write_new(&a.out, ticket.to_toml().as_bytes()) {
+        if ticket_key.is_some() {
+            // The key was created by this call a moment ago; without its ticket it is useless.
+            let _ = std::fs::remove_file(&key_file);
+        }
+        return Err(e);
+    }
+    let expires_text = ticket.expires.and_then(|e| e.format(&Rfc3339).ok());
+    let key_written = ticket_key.as_ref().map(|_| &key_file);
+    match format {
+        Format::Text => {
+            eprintln!(
+                "{} ticket written to {} (admission key {}, {})",
+                if ticket.is_fleet() { "fleet" } else { "peer" },
+                a.out.display(),
+                ticket.key,
+                expires_text
+                    .as_deref()
+                    .map_or("never expires".to_owned(), |e| format!("expires {e}")),
+            );
+            if let Some(f) = key_written {
+                eprintln!(
+                    "its ticket secret key written to {} (0600): install it beside the ticket; \
+                     the ticket alone admits nobody",
+                    f.display()
+                );
+            }
+        }
         Format::Json => output::json(&json!({
             "file": a.out,
             "fleet": ticket.is_fleet(),
             "peer": ticket.peer,
+            "key_file": key_written,
+            "ticket_key": ticket.holder.map(|k| k.to_string()),
             "admission_key": ticket.key.to_string(),
             "expires": expires_text,
         }))?,

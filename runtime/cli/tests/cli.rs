@@ -529,16 +529,43 @@ fn ticket_issue_writes_fleet_and_peer_tickets() {
     assert!(text.contains(&format!("key = \"{public}\"")), "{text}");
     assert!(text.contains("expires = "), "{text}");
     assert!(!text.contains("peer = "), "{text}");
-    let mode = fs::metadata(&fleet).expect("meta").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
-    // Never overwritten.
+    // The fleet ticket is bound to a ticket key, whose secret half is beside it (0600).
+    let key_file = dir.path().join("fleet.ticket.key");
+    let holder = stdout_of(beemesh().args(["key", "show"]).arg(&key_file));
+    assert!(
+        text.contains(&format!("holder = \"{}\"", holder.trim())),
+        "{text}"
+    );
+    for f in [&fleet, &key_file] {
+        let mode = fs::metadata(f).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // Never overwritten: neither the ticket, nor a key where the new ticket's would go.
+    let key_before = fs::read(&key_file).expect("key");
     beemesh()
         .args(["ticket", "issue", "--key"])
         .arg(&adm)
         .arg("--out")
         .arg(&fleet)
         .assert()
-        .code(1);
+        .code(1)
+        .stderr(predicate::str::contains("already exists"));
+    assert_eq!(fs::read(&key_file).expect("key"), key_before);
+    let lone_key = dir.path().join("lone.ticket");
+    fs::write(dir.path().join("lone.ticket.key"), "someone's key").expect("write");
+    beemesh()
+        .args(["ticket", "issue", "--key"])
+        .arg(&adm)
+        .arg("--out")
+        .arg(&lone_key)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("lone.ticket.key: already exists"));
+    assert!(!lone_key.exists(), "no ticket without its key");
+    assert_eq!(
+        fs::read_to_string(dir.path().join("lone.ticket.key")).expect("read"),
+        "someone's key"
+    );
     let peer = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
     let bound = dir.path().join("peer.ticket");
     let v: serde_json::Value = serde_json::from_str(&stdout_of(
@@ -551,6 +578,9 @@ fn ticket_issue_writes_fleet_and_peer_tickets() {
     .expect("json");
     assert_eq!(v["fleet"], false);
     assert_eq!(v["peer"], peer);
+    // A peer ticket needs no key: noise authenticates the PeerId it names.
+    assert!(v["key_file"].is_null() && v["ticket_key"].is_null(), "{v}");
+    assert!(!dir.path().join("peer.ticket.key").exists());
     for (args, err) in [
         (vec!["--peer", "not-a-peer"], "is not a libp2p PeerId"),
         (vec!["--expires", "2001-01-01T00:00:00Z"], "in the past"),
@@ -573,6 +603,110 @@ fn ticket_issue_writes_fleet_and_peer_tickets() {
         .arg(dir.path().join("y.ticket"))
         .assert()
         .code(2);
+}
+
+/// A fleet ticket of format version 1 (no ticket key: a bearer credential), as releases before
+/// the ticket key wrote it; built here from that format's signing rule.
+fn bearer_ticket(admission: &Path) -> String {
+    use time::format_description::well_known::Rfc3339;
+    let adm = beemesh_manifest::SecretKey::load(admission).expect("admission key");
+    let issued = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("time");
+    let mut msg = b"beemesh/v1/admission-ticket\0".to_vec();
+    for field in [
+        &b""[..],
+        &issued.unix_timestamp().to_be_bytes()[..],
+        &b""[..],
+    ] {
+        msg.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        msg.extend_from_slice(field);
+    }
+    format!(
+        "version = 1\nissued = \"{}\"\nkey = \"{}\"\nsig = \"{}\"\n",
+        issued.format(&Rfc3339).expect("format"),
+        adm.public(),
+        beemesh_manifest::keys::encode_signature(&adm.sign(&msg)),
+    )
+}
+
+#[test]
+fn a_node_refuses_a_fleet_ticket_it_cannot_prove() {
+    let dir = TempDir::new().expect("tempdir");
+    let (_, op_pub) = keygen(dir.path(), "op.key");
+    let (adm, adm_pub) = keygen(dir.path(), "adm.key");
+    let (stranger, _) = keygen(dir.path(), "stranger.key");
+    let issue = |name: &str| {
+        let ticket = dir.path().join(name);
+        beemesh()
+            .args(["ticket", "issue", "--key"])
+            .arg(&adm)
+            .arg("--out")
+            .arg(&ticket)
+            .assert()
+            .success();
+        ticket
+    };
+    let without_key = issue("lost.ticket");
+    fs::remove_file(dir.path().join("lost.ticket.key")).expect("remove");
+    let bearer = dir.path().join("old.ticket");
+    fs::write(&bearer, bearer_ticket(&adm)).expect("write");
+    let cases = [
+        (
+            "missing key",
+            &without_key,
+            None,
+            vec![
+                "cannot read ticket key",
+                "lost.ticket.key",
+                "set trust.ticket_key",
+            ],
+        ),
+        (
+            "another key",
+            &issue("good.ticket"),
+            Some(&stranger),
+            vec!["is not this ticket's key"],
+        ),
+        (
+            "format 1 fleet ticket",
+            &bearer,
+            None,
+            vec!["no ticket key (format version 1)", "beemesh ticket issue"],
+        ),
+    ];
+    for (case, ticket, key, expect) in cases {
+        let root = dir.path().join(case.replace(' ', "-"));
+        let host = root.join("host.toml");
+        fs::create_dir_all(&root).expect("dir");
+        let key_line = key
+            .map(|k| format!("ticket_key = \"{}\"\n", k.display()))
+            .unwrap_or_default();
+        fs::write(
+            &host,
+            format!(
+                "[node]\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+                 [trust]\ndomain = \"example.org\"\nsigners = [\"{op_pub}\"]\nadmission = \"{adm_pub}\"\n\
+                 ticket = \"{}\"\n{key_line}\
+                 [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"off\"\n",
+                root.join("data").display(),
+                ticket.display(),
+                root.join("api.sock").display(),
+            ),
+        )
+        .expect("host.toml");
+        let out = beemesh()
+            .args(["node", "--config"])
+            .arg(&host)
+            .timeout(std::time::Duration::from_secs(60))
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{case}: expected {e:?} in {stderr}");
+        }
+    }
 }
 
 /// A `beemesh node` process, killed when dropped.
@@ -831,6 +965,7 @@ struct TestMesh {
     op_pub: String,
     adm_pub: String,
     ticket: PathBuf,
+    ticket_key: PathBuf,
 }
 
 fn test_mesh(dir: &Path) -> TestMesh {
@@ -844,11 +979,16 @@ fn test_mesh(dir: &Path) -> TestMesh {
         .arg(&ticket)
         .assert()
         .success();
+    // Kept elsewhere than beside the ticket, so that `[trust] ticket_key` is what finds it.
+    let ticket_key = dir.join("secret").join("fleet-ticket.key");
+    fs::create_dir_all(dir.join("secret")).expect("dir");
+    fs::rename(dir.join("ticket.key"), &ticket_key).expect("move the ticket key");
     TestMesh {
         op,
         op_pub,
         adm_pub,
         ticket,
+        ticket_key,
     }
 }
 
@@ -870,13 +1010,14 @@ fn start_node(
         format!(
             "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
              bootstrap = [{}]\n\
-             [trust]\ndomain = \"example.org\"\nsigners = [\"{}\"]\nadmission = \"{}\"\nticket = \"{}\"\n\
+             [trust]\ndomain = \"example.org\"\nsigners = [\"{}\"]\nadmission = \"{}\"\nticket = \"{}\"\nticket_key = \"{}\"\n\
              [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"{landlock}\"\n",
             root.join("data").display(),
             bootstrap.map(|b| format!("{b:?}")).unwrap_or_default(),
             mesh.op_pub,
             mesh.adm_pub,
             mesh.ticket.display(),
+            mesh.ticket_key.display(),
             sock.display()
         ),
     )

@@ -500,6 +500,7 @@ impl Rig {
             ticketless_key,
             &self.creds.admission,
             Vec::new(),
+            None,
             &addrs(self.first()),
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -701,6 +702,10 @@ impl Rig {
     /// Scenario 6.
     fn gossip_validation(&mut self) {
         let ticket = std::fs::read(&self.creds.fleet_ticket).expect("the fleet ticket");
+        let ticket_key = beemesh_manifest::SecretKey::load(
+            &beemesh_manifest::ticket::default_key_path(&self.creds.fleet_ticket),
+        )
+        .expect("the fleet ticket's key");
         let key = self
             .injector_key
             .take()
@@ -710,6 +715,7 @@ impl Rig {
             key,
             &self.creds.admission,
             ticket,
+            Some(ticket_key),
             &addrs(&self.members),
         )
         .unwrap_or_else(|e| panic!("{e}"));

@@ -117,7 +117,7 @@ fn nix_eval(expr: &str) -> Value {
 }
 
 /// The arguments of settings-defaults.nix; every combination is evaluated.
-const FLAGS: [&str; 3] = ["podman", "ticket", "apiToken"];
+const FLAGS: [&str; 4] = ["podman", "ticket", "apiToken", "ticketKey"];
 
 fn module_defaults(flags: u32) -> Value {
     let args: Vec<String> = FLAGS
@@ -210,7 +210,8 @@ fn merge(base: &Value, extra: &Value, at: &str) -> Value {
 
 fn with_trust(settings: &Value, trust: &Map<String, Value>) -> Value {
     let mut t = trust.clone();
-    // The module may set trust.ticket itself (services.beemesh.ticketFile).
+    // The module may set trust.ticket and trust.ticket_key itself (services.beemesh.ticketFile,
+    // ticketKeyFile).
     if let Some(Value::Object(own)) = settings.get("trust") {
         t.extend(own.clone());
     }
@@ -256,7 +257,7 @@ fn nixos_module_default_settings_are_accepted() {
         config_check(dir.path(), &format!("module-{flags}.toml"), &to_toml(&doc));
     }
     // The flags do what their names say.
-    let all = module_defaults(0b111);
+    let all = module_defaults(0b1111);
     assert_eq!(all["runtime"]["driver"], "podman");
     assert_eq!(
         all["runtime"]["podman_socket"],
@@ -265,6 +266,10 @@ fn nixos_module_default_settings_are_accepted() {
     assert_eq!(
         all["trust"]["ticket"],
         "/run/credentials/beemesh.service/ticket"
+    );
+    assert_eq!(
+        all["trust"]["ticket_key"],
+        "/run/credentials/beemesh.service/ticket.key"
     );
     assert_eq!(
         all["api"]["token_file"],

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `host.toml` | `--host` (plus `--bootstrap` peers merged into `[mesh] bootstrap`) | `beemesh node` (/run/beemesh/config/host.toml) |
 //! | `ticket` | `--ticket` | the node: the default ticket path is `ticket` beside host.toml |
+//! | `ticket.key` | `--ticket-key`, else the ticket's path plus `.key` (fleet tickets only) | the node: the default ticket key path is the ticket's plus `.key` |
 //! | `token` | `--token` | the node, when `[api] token_file` names /run/beemesh/config/token |
 //! | `network/*.network` | `--network` | systemd-networkd (copied to /run/systemd/network) |
 //! | `images/*.tar` | `--image` | beemesh-images.service: `podman load` as the beemesh user (air-gapped hosts) |
@@ -29,15 +30,20 @@ pub const README: &str = "This is a BeeMesh host's config partition (label BEEME
 At boot its files are copied to /run/beemesh/config/ before the node starts:\r\n\
   host.toml           the host config (beemesh config check host.toml)\r\n\
   ticket              the admission ticket (beemesh ticket issue)\r\n\
+  ticket.key          a fleet ticket's secret key (keep it secret; peer tickets have none)\r\n\
   token               the bearer token of the node's TCP API, if [api] listen is set\r\n\
   network/*.network   systemd-networkd files (static addresses)\r\n\
   images/*.tar        container images loaded into the node's Podman at boot\r\n\
-Write them with: beemesh image configure IMAGE.raw --host host.toml --ticket ticket\r\n";
+Write them with: beemesh image configure IMAGE.raw --host host.toml --ticket ticket\r\n\
+(a fleet ticket's key, ticket.key beside it, is copied with it)\r\n";
 
 #[derive(Debug, Clone, Default)]
 pub struct ConfigureOptions {
     pub host: PathBuf,
     pub ticket: Option<PathBuf>,
+    /// A fleet ticket's secret key (default: the ticket's path with `.key` appended, where
+    /// `beemesh ticket issue` writes it). A peer ticket has none.
+    pub ticket_key: Option<PathBuf>,
     /// A file of bootstrap multiaddrs (one per line, `#` comments) merged into the host
     /// config's `[mesh] bootstrap`.
     pub bootstrap: Option<PathBuf>,
@@ -64,6 +70,8 @@ pub enum ConfigureError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("{}: {reason}", path.display())]
+    Ticket { path: PathBuf, reason: String },
 }
 
 /// What `configure` wrote, and remarks for the operator.
@@ -172,6 +180,60 @@ fn tempdir() -> Result<tempfile::TempDir, ConfigureError> {
         })
 }
 
+/// The partition's files for the ticket at `ticket`: the ticket, and for a fleet ticket its
+/// secret key (from `key`, else beside the ticket), checked to be the ticket's own. A fleet
+/// ticket of format 1, which has no key, is refused: it would admit whoever saw it.
+fn ticket_files(
+    ticket: &Path,
+    key: Option<&Path>,
+) -> Result<Vec<(String, Vec<u8>)>, ConfigureError> {
+    use beemesh_manifest::ticket::{Binding, Ticket, default_key_path};
+    let bad = |reason: String| ConfigureError::Ticket {
+        path: ticket.to_owned(),
+        reason,
+    };
+    let text = beemesh_manifest::input::read_file(
+        ticket,
+        beemesh_manifest::ticket::MAX_TICKET_BYTES,
+        "an admission ticket",
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let parsed = Ticket::parse(&ticket.display().to_string(), &text)
+        .map_err(|e| bad(format!("not an admission ticket: {e}")))?;
+    let mut files = vec![("ticket".to_owned(), text.into_bytes())];
+    // A format 1 fleet ticket binds nothing: the error names the remedy.
+    match parsed.binding().map_err(|e| bad(e.to_string()))? {
+        Binding::Holder(holder) => {
+            let key_path = key.map_or_else(|| default_key_path(ticket), Path::to_path_buf);
+            let secret = beemesh_manifest::SecretKey::load(&key_path).map_err(|e| {
+                bad(format!(
+                    "a fleet ticket goes with its ticket key, and {} is not usable: {e} \
+                     (pass it with --ticket-key)",
+                    key_path.display()
+                ))
+            })?;
+            if secret.public() != holder {
+                return Err(bad(format!(
+                    "{} holds the ticket key {}, but the ticket is bound to {holder}",
+                    key_path.display(),
+                    secret.public()
+                )));
+            }
+            files.push(("ticket.key".to_owned(), read(&key_path)?));
+        }
+        Binding::Peer(_) => {
+            if let Some(k) = key {
+                return Err(ConfigureError::Usage(format!(
+                    "{} is a peer ticket, which needs no ticket key; drop --ticket-key {}",
+                    ticket.display(),
+                    k.display()
+                )));
+            }
+        }
+    }
+    Ok(files)
+}
+
 /// Configures one host in `image` (a raw GPT disk image built by `beemesh image build`).
 pub fn configure(image: &Path, opts: &ConfigureOptions) -> Result<Configured, ConfigureError> {
     tools::check_tools(CONFIGURE_TOOLS)?;
@@ -199,7 +261,23 @@ pub fn configure(image: &Path, opts: &ConfigureOptions) -> Result<Configured, Co
     };
     let mut files = vec![("host.toml".to_owned(), host_text.into_bytes())];
     if let Some(t) = &opts.ticket {
-        files.push(("ticket".to_owned(), read(t)?));
+        files.extend(ticket_files(t, opts.ticket_key.as_deref())?);
+        let key_on_partition = Path::new(CONFIG_COPY_DIR).join("ticket.key");
+        if files.iter().any(|(n, _)| n == "ticket.key")
+            && let Some(k) = &config.trust.ticket_key
+            && *k != key_on_partition
+        {
+            out.notes.push(format!(
+                "the ticket key is written as {} but [trust] ticket_key is {}",
+                key_on_partition.display(),
+                k.display()
+            ));
+        }
+    } else if let Some(k) = &opts.ticket_key {
+        return Err(ConfigureError::Usage(format!(
+            "--ticket-key {} without --ticket: the key belongs to a ticket",
+            k.display()
+        )));
     } else if config.trust.admission.is_some() && config.trust.ticket.is_none() {
         out.notes.push(
             "no --ticket: the node looks for its admission ticket beside host.toml on this \

@@ -7,6 +7,9 @@ use std::process::Command;
 
 use beemesh_image::configure::{ConfigureError, ConfigureOptions, configure, read_file};
 use beemesh_image::gpt;
+use beemesh_manifest::SecretKey;
+use beemesh_manifest::ticket::{Binding, Ticket, default_key_path};
+use time::OffsetDateTime;
 
 const KEY: &str = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
 
@@ -66,6 +69,17 @@ fn host(dir: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// A fleet ticket and its ticket key, as `beemesh ticket issue` writes them (FILE, FILE.key).
+fn fleet_ticket(dir: &Path, name: &str) -> (PathBuf, String, String) {
+    let adm = SecretKey::from_seed([1; 32]);
+    let (ticket, key) = Ticket::issue_fleet(&adm, OffsetDateTime::now_utc(), None).expect("random");
+    let path = dir.join(name);
+    std::fs::write(&path, ticket.to_toml()).expect("write ticket");
+    key.save_new(&default_key_path(&path)).expect("write key");
+    let pem = std::fs::read_to_string(default_key_path(&path)).expect("read key");
+    (path, ticket.to_toml(), pem)
+}
+
 fn file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -102,9 +116,11 @@ fn configure_writes_exactly_the_hosts_files() {
         d.path(),
         "[api]\nlisten = \"0.0.0.0:7420\"\ntoken_file = \"/run/beemesh/config/token\"\n",
     );
+    let (ticket, ticket_text, key_pem) = fleet_ticket(d.path(), "fleet.ticket");
     let opts = ConfigureOptions {
         host: h.clone(),
-        ticket: Some(file(d.path(), "ticket", "TICKET-1")),
+        ticket: Some(ticket),
+        ticket_key: None,
         bootstrap: Some(file(
             d.path(),
             "peers",
@@ -120,13 +136,21 @@ fn configure_writes_exactly_the_hosts_files() {
         [
             "host.toml",
             "ticket",
+            "ticket.key",
             "token",
             "network/10-mesh.network",
             "images/app.tar",
             "README.txt"
         ]
     );
-    assert_eq!(read_file(&img, "ticket").expect("ticket"), b"TICKET-1");
+    assert_eq!(
+        read_file(&img, "ticket").expect("ticket"),
+        ticket_text.as_bytes()
+    );
+    assert_eq!(
+        read_file(&img, "ticket.key").expect("ticket key"),
+        key_pem.as_bytes()
+    );
     assert_eq!(
         read_file(&img, "network/10-mesh.network").expect("net"),
         b"[Match]\nName=en*\n"
@@ -151,6 +175,7 @@ fn configure_writes_exactly_the_hosts_files() {
         done.notes
     );
     assert!(read_file(&img, "ticket").is_err());
+    assert!(read_file(&img, "ticket.key").is_err());
     assert!(read_file(&img, "network/10-mesh.network").is_err());
     assert!(read_file(&img, "images/app.tar").is_err());
 }
@@ -207,4 +232,94 @@ fn anyhow_chain(e: &dyn std::error::Error) -> Vec<String> {
         cur = s.source();
     }
     out
+}
+
+#[test]
+fn a_ticket_travels_with_its_key_and_only_a_usable_one_is_written() {
+    if !tools_present() {
+        return;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let img = disk(d.path());
+    let h = host(d.path(), "");
+    let with = |ticket: &Path, key: Option<&Path>| {
+        configure(
+            &img,
+            &ConfigureOptions {
+                host: h.clone(),
+                ticket: Some(ticket.to_owned()),
+                ticket_key: key.map(Path::to_owned),
+                ..Default::default()
+            },
+        )
+    };
+
+    // The key kept elsewhere, named with --ticket-key.
+    let (fleet, _, pem) = fleet_ticket(d.path(), "fleet.ticket");
+    let moved = d.path().join("vault.key");
+    std::fs::rename(default_key_path(&fleet), &moved).expect("move");
+    let e = with(&fleet, None).expect_err("no key beside it");
+    assert!(
+        e.to_string().contains("fleet.ticket.key") && e.to_string().contains("--ticket-key"),
+        "{e}"
+    );
+    let done = with(&fleet, Some(&moved)).expect("configured");
+    assert_eq!(
+        done.files,
+        ["host.toml", "ticket", "ticket.key", "README.txt"]
+    );
+    assert_eq!(read_file(&img, "ticket.key").expect("key"), pem.as_bytes());
+
+    // Another ticket's key.
+    let (_, _, _) = fleet_ticket(d.path(), "other.ticket");
+    let e = with(
+        &fleet,
+        Some(&default_key_path(&d.path().join("other.ticket"))),
+    )
+    .expect_err("wrong key");
+    assert!(e.to_string().contains("but the ticket is bound to"), "{e}");
+
+    // A peer ticket has no key, and takes none.
+    let adm = SecretKey::from_seed([1; 32]);
+    let peer = Ticket::issue(
+        &adm,
+        Binding::Peer("12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into()),
+        OffsetDateTime::now_utc(),
+        None,
+    );
+    let peer_ticket = file(d.path(), "peer.ticket", &peer.to_toml());
+    let done = with(&peer_ticket, None).expect("configured");
+    assert_eq!(done.files, ["host.toml", "ticket", "README.txt"]);
+    assert!(read_file(&img, "ticket.key").is_err(), "no stale key stays");
+    let e = with(&peer_ticket, Some(&moved)).expect_err("a key for a peer ticket");
+    assert!(matches!(e, ConfigureError::Usage(_)), "{e}");
+
+    // A fleet ticket of format 1 (a bearer credential), and something that is no ticket.
+    let issued = 1_767_225_600_i64; // 2026-01-01T00:00:00Z
+    let mut msg = b"beemesh/v1/admission-ticket\0".to_vec();
+    for field in [&b""[..], &issued.to_be_bytes()[..], &b""[..]] {
+        msg.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        msg.extend_from_slice(field);
+    }
+    let bearer = file(
+        d.path(),
+        "old.ticket",
+        &format!(
+            "version = 1\nissued = \"2026-01-01T00:00:00Z\"\nkey = \"{}\"\nsig = \"{}\"\n",
+            adm.public(),
+            beemesh_manifest::keys::encode_signature(&adm.sign(&msg))
+        ),
+    );
+    let e = with(&bearer, None).expect_err("bearer");
+    assert!(
+        e.to_string().contains("old.ticket") && e.to_string().contains("beemesh ticket issue"),
+        "{e}"
+    );
+    let e = with(&file(d.path(), "junk", "TICKET-1"), None).expect_err("junk");
+    assert!(e.to_string().contains("not an admission ticket"), "{e}");
+    // The refused calls left the last good configuration alone.
+    assert_eq!(
+        read_file(&img, "ticket").expect("ticket"),
+        peer.to_toml().as_bytes()
+    );
 }

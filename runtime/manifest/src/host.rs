@@ -125,6 +125,10 @@ pub struct TrustSection {
     /// This node's admission ticket (default: the one on the config partition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket: Option<PathBuf>,
+    /// The ticket secret key of a fleet ticket (default: the ticket's path with `.key`
+    /// appended, where `beemesh ticket issue` writes it). A peer ticket needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket_key: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -316,6 +320,27 @@ impl HostConfig {
         }
 
         let trust = root.key("trust");
+        for (key, path) in [
+            ("ticket", &self.trust.ticket),
+            ("ticket_key", &self.trust.ticket_key),
+        ] {
+            if let Some(path) = path
+                && (path.as_os_str().is_empty() || path.to_string_lossy().ends_with('/'))
+            {
+                p.push(trust.key(key), format!("{path:?} is not a file path"));
+            }
+        }
+        if let Some(key) = &self.trust.ticket_key {
+            let ticket = self.trust.ticket.as_deref();
+            if ticket == Some(key.as_path()) {
+                p.push(
+                    trust.key("ticket_key"),
+                    format!(
+                        "{key:?} is also trust.ticket; the ticket secret key is a file of its own"
+                    ),
+                );
+            }
+        }
         if let Err(e) = check_dns_name(&self.trust.domain) {
             p.push(trust.key("domain"), e);
         }
@@ -460,6 +485,42 @@ mod tests {
                     .landlock,
                 m
             );
+        }
+    }
+
+    #[test]
+    fn the_ticket_key_is_checked_beside_the_ticket() {
+        let with = |extra: &str| HostConfig::from_toml("h.toml", &format!("{}{extra}", minimal()));
+        let c = with("ticket = \"/etc/beemesh/ticket\"\nticket_key = \"/etc/beemesh/t.key\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.trust.ticket_key.as_deref(),
+            Some(std::path::Path::new("/etc/beemesh/t.key"))
+        );
+        assert_eq!(
+            HostConfig::from_toml("again", &c.to_toml()).expect("round trip"),
+            c
+        );
+        assert_eq!(with("").expect("valid").trust.ticket_key, None);
+        for (extra, line, reason) in [
+            (
+                "ticket = \"t\"\nticket_key = \"t\"\n",
+                5,
+                "\"t\" is also trust.ticket",
+            ),
+            ("ticket_key = \"\"\n", 4, "\"\" is not a file path"),
+            ("ticket_key = \"/etc/beemesh/\"\n", 4, "is not a file path"),
+            (
+                "ticket_keys = \"t.key\"\n",
+                4,
+                "unknown field `ticket_keys`",
+            ),
+        ] {
+            let e = with(extra).expect_err(extra);
+            let d = &e.diagnostics[0];
+            assert_eq!(d.line, Some(line), "{e}");
+            assert!(d.reason.contains(reason), "{e}");
+            assert!(d.key.starts_with("trust.ticket"), "{e}");
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! - Transports: TCP (noise, yamux) and QUIC; identify, ping, connection limits.
 //! - Admission (`/beemesh/admission/1`): a peer is admitted only with a ticket signed by the
-//!   mesh's admission key. Until then the mesh protocols (gossipsub, Kademlia, the node's
+//!   mesh's admission key, and (for a fleet ticket) a proof of holding the ticket's key made for
+//!   this very connection, so a recorded or relayed exchange admits nobody. Until then the mesh protocols (gossipsub, Kademlia, the node's
 //!   request-response protocols) are closed on its connections ([`gate`]); without a valid
 //!   ticket in time it is disconnected and refused for a while.
 //! - Membership: every node announces itself on `/beemesh/announce/1`; the mesh keeps a view
@@ -47,15 +48,16 @@ mod identity;
 mod membership;
 pub mod wire;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use beemesh_manifest::PublicKey;
 use beemesh_manifest::host::MeshSection;
+use beemesh_manifest::{PublicKey, SecretKey};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use admission::{AdmissionError, check_ticket};
+pub use admission::{AdmissionError, check_ticket, parse_ticket};
 pub use error::MeshError;
 pub use handle::{MAX_ANNOUNCEMENT_BYTES, MeshEvent, MeshHandle, ReplyHandle, Validation};
 pub use identity::{IdentityError, NODE_KEY_FILE, load_or_create_identity};
@@ -68,8 +70,8 @@ pub use membership::PeerInfo;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
 /// Everything the mesh needs, as plain values (the node fills it from host.toml with
-/// [`MeshConfig::from_host`] or field by field). Its `Debug` output leaves the ticket out: a
-/// fleet ticket admits whoever holds it.
+/// [`MeshConfig::from_host`] or field by field). Its `Debug` output shows only the public half
+/// of the ticket key, whose secret half makes a fleet ticket admit its holder.
 #[derive(Clone)]
 pub struct MeshConfig {
     /// The node's identity ([`load_or_create_identity`]).
@@ -85,6 +87,9 @@ pub struct MeshConfig {
     pub admission_key: PublicKey,
     /// This node's ticket: the ticket file's bytes (empty: none; every peer will refuse us).
     pub ticket: Vec<u8>,
+    /// The ticket secret key of a fleet ticket (`None` for a peer ticket): the node signs its
+    /// proofs with it, and it never leaves the node.
+    pub ticket_key: Option<Arc<SecretKey>>,
     /// The first announcement payload (see [`MeshHandle::set_announcement`]).
     pub announcement: Vec<u8>,
     /// How often this node announces itself.
@@ -113,7 +118,13 @@ pub struct MeshConfig {
 
 impl MeshConfig {
     /// A configuration with BeeMesh's defaults: no listeners, no bootstrap peers, no mDNS.
-    pub fn new(keypair: Keypair, admission_key: PublicKey, ticket: Vec<u8>) -> Self {
+    /// `ticket_key` is the fleet ticket's secret key (`None` for a peer ticket).
+    pub fn new(
+        keypair: Keypair,
+        admission_key: PublicKey,
+        ticket: Vec<u8>,
+        ticket_key: Option<SecretKey>,
+    ) -> Self {
         Self {
             keypair,
             listen: Vec::new(),
@@ -121,6 +132,7 @@ impl MeshConfig {
             mdns: false,
             admission_key,
             ticket,
+            ticket_key: ticket_key.map(Arc::new),
             announcement: Vec::new(),
             announce_interval: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(8),
@@ -142,8 +154,9 @@ impl MeshConfig {
         mesh: &MeshSection,
         admission_key: PublicKey,
         ticket: Vec<u8>,
+        ticket_key: Option<SecretKey>,
     ) -> Result<Self, MeshError> {
-        let mut cfg = Self::new(keypair, admission_key, ticket);
+        let mut cfg = Self::new(keypair, admission_key, ticket, ticket_key);
         cfg.listen = parse_addrs(&mesh.listen)?;
         cfg.bootstrap = parse_addrs(&mesh.bootstrap)?;
         cfg.mdns = mesh.mdns;
@@ -201,6 +214,7 @@ impl std::fmt::Debug for MeshConfig {
             .field("mdns", &self.mdns)
             .field("admission_key", &self.admission_key)
             .field("ticket", &format_args!("<{} bytes>", self.ticket.len()))
+            .field("ticket_key", &self.ticket_key.as_ref().map(|k| k.public()))
             .field(
                 "announcement",
                 &format_args!("<{} bytes>", self.announcement.len()),

@@ -29,10 +29,12 @@ struct Member {
     last_seen: Instant,
     seq: u64,
     up: bool,
-    /// The ticket bytes last verified for this peer, so a repeated announcement is not
-    /// verified again, and their expiry.
+    /// The ticket bytes last verified for this peer, and their expiry.
     ticket: Vec<u8>,
     expires: Option<OffsetDateTime>,
+    /// The announcement proof verified with `ticket` for this peer (as author), so that a
+    /// repeated announcement is not verified again. `None` until an announcement verified.
+    announce_proof: Option<Vec<u8>>,
 }
 
 /// How an announcement changed the view.
@@ -54,6 +56,9 @@ pub(crate) struct Announcement<'a> {
     pub payload: &'a [u8],
     pub addrs: Vec<Multiaddr>,
     pub ticket: &'a [u8],
+    /// The proof of an announcement that arrived through gossip (`None` for a handshake's,
+    /// which is never reused).
+    pub announce_proof: Option<&'a [u8]>,
     pub expires: Option<OffsetDateTime>,
     /// Received over a live, authenticated connection from the peer itself (the admission
     /// handshake) rather than through gossip: proves liveness, so the sequence number is reset.
@@ -79,6 +84,7 @@ impl Members {
                         up: true,
                         ticket: a.ticket.to_vec(),
                         expires: a.expires,
+                        announce_proof: a.announce_proof.map(<[u8]>::to_vec),
                     },
                 );
                 Change::Up
@@ -95,6 +101,10 @@ impl Members {
                 if m.ticket != a.ticket {
                     m.ticket = a.ticket.to_vec();
                     m.expires = a.expires;
+                    m.announce_proof = None;
+                }
+                if let Some(proof) = a.announce_proof {
+                    m.announce_proof = Some(proof.to_vec());
                 }
                 let changed = m.payload != a.payload;
                 if changed {
@@ -112,15 +122,21 @@ impl Members {
         }
     }
 
-    /// The expiry of `ticket` if it is exactly the ticket already verified for `peer`.
-    pub(crate) fn verified_ticket(
+    /// The expiry of `ticket` if it is exactly the ticket, with exactly the announcement
+    /// proof, already verified in an announcement of `peer`.
+    pub(crate) fn verified_announcement(
         &self,
         peer: &PeerId,
         ticket: &[u8],
+        proof: &[u8],
     ) -> Option<Option<OffsetDateTime>> {
         self.members
             .get(peer)
-            .filter(|m| !m.ticket.is_empty() && m.ticket == ticket)
+            .filter(|m| {
+                !m.ticket.is_empty()
+                    && m.ticket == ticket
+                    && m.announce_proof.as_deref() == Some(proof)
+            })
             .map(|m| m.expires)
     }
 
@@ -205,6 +221,7 @@ mod tests {
             payload,
             addrs: vec![],
             ticket: b"t",
+            announce_proof: (!direct).then_some(b"p".as_slice()),
             expires: Some(datetime!(2030-01-01 0:00 UTC)),
             direct,
         }
@@ -261,13 +278,38 @@ mod tests {
         let p = PeerId::random();
         let mut m = Members::default();
         m.observe(p, ann(1, b"", false), t0);
-        assert!(m.verified_ticket(&p, b"t").is_some());
-        assert!(m.verified_ticket(&p, b"other").is_none());
+        assert!(m.verified_announcement(&p, b"t", b"p").is_some());
+        assert!(m.verified_announcement(&p, b"other", b"p").is_none());
+        // The same ticket with another proof (another author's, say) is verified again.
+        assert!(m.verified_announcement(&p, b"t", b"q").is_none());
+        assert!(
+            m.verified_announcement(&PeerId::random(), b"t", b"p")
+                .is_none()
+        );
         assert!(m.is_trusted(&p, datetime!(2029-01-01 0:00 UTC)));
         assert!(!m.is_trusted(&p, datetime!(2030-01-01 0:00 UTC)));
         assert_eq!(m.expired_tickets(datetime!(2030-01-01 0:00 UTC)), vec![p]);
         assert!(m.remove(&p));
         assert!(!m.is_trusted(&p, datetime!(2029-01-01 0:00 UTC)));
+    }
+
+    #[test]
+    fn only_announcements_fill_the_verification_cache() {
+        let t0 = Instant::now();
+        let p = PeerId::random();
+        let mut m = Members::default();
+        // A handshake's proof is for one connection: it is never taken for an announcement's.
+        m.observe(p, ann(1, b"", true), t0);
+        assert!(m.verified_announcement(&p, b"t", b"p").is_none());
+        assert!(m.verified_announcement(&p, b"t", b"").is_none());
+        m.observe(p, ann(2, b"", false), t0);
+        assert!(m.verified_announcement(&p, b"t", b"p").is_some());
+        // A new ticket forgets the proof verified with the old one.
+        let mut renewed = ann(3, b"", true);
+        renewed.ticket = b"t2";
+        m.observe(p, renewed, t0);
+        assert!(m.verified_announcement(&p, b"t2", b"p").is_none());
+        assert!(m.verified_announcement(&p, b"t", b"p").is_none());
     }
 
     #[test]
@@ -279,8 +321,8 @@ mod tests {
         m.observe(p, ann(1, b"", false), t0);
         m.expire(t0 + 10 * s, 8 * s);
         m.forget_down(t0 + 11 * s, 60 * s);
-        assert!(m.verified_ticket(&p, b"t").is_some());
+        assert!(m.verified_announcement(&p, b"t", b"p").is_some());
         m.forget_down(t0 + 61 * s, 60 * s);
-        assert!(m.verified_ticket(&p, b"t").is_none());
+        assert!(m.verified_announcement(&p, b"t", b"p").is_none());
     }
 }

@@ -33,14 +33,22 @@ const MAX_ADDR_BYTES: usize = 256;
 /// Longest protocol or topic name.
 pub(crate) const MAX_NAME_LEN: usize = 200;
 
-/// A node's introduction: its admission ticket and its current announcement. Sent as the
-/// admission request and reply (to a directly connected peer) and published on
-/// [`ANNOUNCE_TOPIC`] (where gossipsub's signature binds it to its author).
+/// A node's introduction: its admission ticket, the proof that it holds it, and its current
+/// announcement. Sent as the admission request and reply (to a directly connected peer) and
+/// published on [`ANNOUNCE_TOPIC`] (where gossipsub's signature binds it to its author).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Hello {
-    /// The ticket file's TOML bytes.
+    /// The ticket file's TOML bytes: public (a fleet ticket's secret key never travels).
     #[serde(default, with = "serde_bytes")]
     pub ticket: Vec<u8>,
+    /// The proof of holding a fleet ticket's key for this very presentation (see
+    /// [`beemesh_manifest::ticket::Presentation`]): request, reply (covering the requester's
+    /// `nonce`) or announcement. Empty with a peer ticket.
+    #[serde(default, with = "serde_bytes")]
+    pub proof: Vec<u8>,
+    /// In an admission request only: fresh random bytes that the reply's proof must cover.
+    #[serde(default, with = "serde_bytes")]
+    pub nonce: Vec<u8>,
     /// Increases with every announcement of the sender (starts at its clock in milliseconds),
     /// so a replayed old announcement is recognised.
     #[serde(default)]
@@ -227,6 +235,8 @@ mod tests {
     fn round_trips() {
         let mut h = Hello {
             ticket: b"ticket".to_vec(),
+            proof: vec![7; 64],
+            nonce: vec![8; 32],
             seq: 1,
             payload: vec![0, 1, 2],
             addrs: vec![],

@@ -222,12 +222,22 @@ async fn peers_without_a_valid_ticket_are_refused() {
         ("expired", "expired"),
         ("other-peer", "is bound to peer"),
         ("foreign-key", "not by the admission key"),
+        // The admission key's own fleet ticket, but without its ticket key (copied from a
+        // host, say): it cannot prove anything.
+        ("fleet-without-key", "without a proof"),
+        // A fleet ticket of the old format, a bearer credential.
+        ("bearer", "reissue it with `beemesh ticket issue`"),
     ] {
         let kp = Keypair::generate_ed25519();
         let ticket = match kind {
-            "none" => Vec::new(),
+            "none" => Creds::none(),
             "expired" => ticket_for(&adm, kp.public().to_peer_id(), Some(past)),
             "other-peer" => ticket_for(&adm, PeerId::random(), None),
+            "fleet-without-key" => Creds {
+                key: None,
+                ..fleet_ticket(&adm)
+            },
+            "bearer" => bearer_ticket(&adm),
             _ => fleet_ticket(&foreign),
         };
         let mut cfg = config(kp, ticket);
@@ -423,6 +433,7 @@ async fn start_up_errors_are_reported() {
         &host,
         admission().public(),
         vec![],
+        None,
     )
     .expect_err("bad bootstrap");
     assert!(e.to_string().contains("not-an-addr"), "{e}");

@@ -329,6 +329,19 @@ pub fn ticket_path(config: &HostConfig, config_path: Option<&Path>) -> PathBuf {
     }
 }
 
+/// The ticket secret key of a fleet ticket: `trust.ticket_key` (relative to the host config's
+/// directory), else the ticket's path with `.key` appended (where `beemesh ticket issue`
+/// writes it: `ticket.key` beside the ticket on a config partition).
+pub fn ticket_key_path(config: &HostConfig, config_path: Option<&Path>) -> PathBuf {
+    match &config.trust.ticket_key {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => config_path
+            .and_then(Path::parent)
+            .map_or_else(|| p.clone(), |d| d.join(p)),
+        None => beemesh_manifest::ticket::default_key_path(&ticket_path(config, config_path)),
+    }
+}
+
 /// Creates a directory (and its parents) and sets its mode.
 pub fn prepare_dir(path: &Path, mode: u32) -> Result<(), NodeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -375,6 +388,34 @@ pub async fn start(
     let parsed =
         beemesh_manifest::ticket::Ticket::parse(&ticket_file.display().to_string(), &ticket)
             .map_err(|e| NodeError::Config(e.to_string()))?;
+    // A fleet ticket admits whoever proves it holds the ticket key: load that key. A peer
+    // ticket needs none (noise authenticates the PeerId it names).
+    let ticket_key = match parsed.holder {
+        None => {
+            if let Some(k) = &cfg.trust.ticket_key {
+                tracing::warn!(
+                    "trust.ticket_key is {} but {} is a peer ticket, which needs no key: not read",
+                    k.display(),
+                    ticket_file.display()
+                );
+            }
+            None
+        }
+        Some(holder) => {
+            let key_file = ticket_key_path(&opts.config, opts.config_path.as_deref());
+            let key = beemesh_manifest::SecretKey::load(&key_file).map_err(|e| NodeError::Read {
+                what: "ticket key",
+                path: key_file.clone(),
+                cause: format!(
+                    "{e} (the fleet ticket {} is bound to the ticket key {holder}, whose secret \
+                     half `beemesh ticket issue` wrote beside it; set trust.ticket_key if it lives \
+                     elsewhere)",
+                    ticket_file.display()
+                ),
+            })?;
+            Some(key)
+        }
+    };
 
     let data_dir = cfg.node.data_dir.clone();
     prepare_dir(&data_dir, 0o700)?;
@@ -382,7 +423,12 @@ pub async fn start(
     let peer_id = keypair.public().to_peer_id();
     let award_keys = Arc::new(crate::authority::PeerKeys::new(keypair.clone()));
     parsed
-        .verify(&admission, &peer_id.to_base58(), (opts.clock)())
+        .check_own(
+            &admission,
+            ticket_key.as_ref(),
+            &peer_id.to_base58(),
+            (opts.clock)(),
+        )
         .map_err(|e| NodeError::Config(format!("{}: {e}", ticket_file.display())))?;
 
     let policy =
@@ -400,7 +446,13 @@ pub async fn start(
         capacity,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let mut mesh_cfg = MeshConfig::from_host(keypair, &cfg.mesh, admission, ticket.into_bytes())?;
+    let mut mesh_cfg = MeshConfig::from_host(
+        keypair,
+        &cfg.mesh,
+        admission,
+        ticket.into_bytes(),
+        ticket_key,
+    )?;
     mesh_cfg.announcement =
         serde_json::to_vec(&announcement).map_err(|e| NodeError::Config(e.to_string()))?;
     mesh_cfg.clock = opts.clock;

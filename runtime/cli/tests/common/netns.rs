@@ -529,7 +529,8 @@ pub struct Credentials {
     /// Signs tickets (`[trust] admission`).
     pub admission_key: PathBuf,
     pub admission: String,
-    /// A fleet ticket of `admission`, without expiry.
+    /// A fleet ticket of `admission`, without expiry; its ticket secret key is beside it
+    /// (`fleet.ticket.key`, where `beemesh ticket issue` writes it and the nodes look for it).
     pub fleet_ticket: PathBuf,
 }
 
@@ -541,7 +542,14 @@ impl Credentials {
         let fleet_ticket = dir.join("fleet.ticket");
         let operator = cli.key_gen(&operator_key)?;
         let admission = cli.key_gen(&admission_key)?;
-        cli.ticket_issue(&admission_key, &fleet_ticket, None, None)?;
+        let issued = cli.ticket_issue(&admission_key, &fleet_ticket, None, None)?;
+        let key_file = beemesh_manifest::ticket::default_key_path(&fleet_ticket);
+        if issued["key_file"].as_str() != Some(&*key_file.to_string_lossy()) {
+            return Err(format!(
+                "ticket issue wrote no ticket key at {}: {issued}",
+                key_file.display()
+            ));
+        }
         Ok(Self {
             operator_key,
             operator,
@@ -911,18 +919,20 @@ impl Drop for NodeProcess {
 // In-process mesh peers
 
 /// A mesh configuration for an in-process peer on `host`: TCP on [`MESH_PORT`], the rig's
-/// timings, `bootstrap` dialed at start. `ticket`: the ticket file's bytes (empty: none).
+/// timings, `bootstrap` dialed at start. `ticket`: the ticket file's bytes (empty: none);
+/// `ticket_key`: a fleet ticket's secret key.
 pub fn mesh_config(
     host: &Host,
     keypair: beemesh_mesh::Keypair,
     admission: &str,
     ticket: Vec<u8>,
+    ticket_key: Option<beemesh_manifest::SecretKey>,
     bootstrap: &[String],
 ) -> Result<MeshConfig, String> {
     let admission = admission
         .parse()
         .map_err(|e| format!("admission key {admission:?}: {e}"))?;
-    let mut cfg = MeshConfig::new(keypair, admission, ticket);
+    let mut cfg = MeshConfig::new(keypair, admission, ticket, ticket_key);
     let parse = |a: &String| a.parse().map_err(|e| format!("mesh address {a:?}: {e}"));
     cfg.listen = vec![parse(&host.mesh_addr(None))?];
     cfg.bootstrap = bootstrap.iter().map(parse).collect::<Result<_, _>>()?;

@@ -7,13 +7,15 @@ use libp2p::{Multiaddr, PeerId};
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
+use beemesh_manifest::ticket::{Presentation, fresh_nonce};
+
 use super::EventLoop;
 use crate::handle::{MAX_ANNOUNCEMENT_BYTES, MeshEvent};
 use crate::membership::{Announcement, Change};
 use crate::wire::{self, ANNOUNCE_TOPIC, Hello, MAX_ANNOUNCED_ADDRS};
 
 impl EventLoop {
-    /// This node's introduction, with a fresh sequence number.
+    /// This node's introduction, with a fresh sequence number and without a proof.
     pub(super) fn hello(&mut self) -> Hello {
         let millis = u64::try_from(self.wall().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         self.seq = (self.seq + 1).max(millis);
@@ -25,6 +27,8 @@ impl EventLoop {
         }
         let mut hello = Hello {
             ticket: self.cfg.ticket.clone(),
+            proof: Vec::new(),
+            nonce: Vec::new(),
             seq: self.seq,
             payload: self.announcement.clone(),
             addrs: Vec::new(),
@@ -33,8 +37,49 @@ impl EventLoop {
         hello
     }
 
+    /// The proof of this node's ticket for `presentation` (empty with a peer ticket, or when
+    /// the node cannot make one: its peers then refuse it and say why).
+    pub(super) fn prove(&self, presentation: &Presentation<'_>) -> Vec<u8> {
+        let Some(ticket) = &self.own_ticket else {
+            return Vec::new();
+        };
+        ticket
+            .prove(self.cfg.ticket_key.as_deref(), presentation)
+            .unwrap_or_else(|e| {
+                debug!("no proof for {}: {e}", presentation.role);
+                Vec::new()
+            })
+    }
+
+    /// The admission request to `peer`: a proof bound to this node (requester) and `peer`, and
+    /// a fresh nonce for the proof of the reply.
+    pub(super) fn request_hello(&mut self, peer: PeerId) -> Hello {
+        let mut hello = self.hello();
+        let remote = peer.to_base58();
+        hello.proof = self.prove(&Presentation::request(&self.local_b58, &remote));
+        hello.nonce = match fresh_nonce() {
+            Ok(n) => n.to_vec(),
+            Err(e) => {
+                // The reply's proof is then bound to both peer ids only (docs/mesh.md).
+                warn!("admission request to {peer} without a nonce: {e}");
+                Vec::new()
+            }
+        };
+        hello
+    }
+
+    /// The admission reply to `peer`, whose request carried `nonce`.
+    pub(super) fn reply_hello(&mut self, peer: PeerId, nonce: &[u8]) -> Hello {
+        let mut hello = self.hello();
+        let remote = peer.to_base58();
+        hello.proof = self.prove(&Presentation::reply(&self.local_b58, &remote, nonce));
+        hello
+    }
+
     pub(super) fn announce(&mut self) {
-        let hello = wire::encode(&self.hello());
+        let mut hello = self.hello();
+        hello.proof = self.announce_proof.clone();
+        let hello = wire::encode(&hello);
         match self
             .gossipsub()
             .publish(IdentTopic::new(ANNOUNCE_TOPIC), hello)
@@ -60,6 +105,9 @@ impl EventLoop {
             payload: &hello.payload,
             addrs: hello.parsed_addrs(),
             ticket: &hello.ticket,
+            // Only a gossip announcement's proof is remembered: the cache of
+            // `verify_announcement` must never take a handshake's proof for an announcement's.
+            announce_proof: (!direct).then_some(hello.proof.as_slice()),
             expires,
             direct,
         };
@@ -152,6 +200,35 @@ impl EventLoop {
         }
     }
 
+    /// Verifies an announcement's ticket and proof for its author, reusing an earlier
+    /// verification of exactly these bytes for this author.
+    fn verify_announcement(
+        &self,
+        author: &PeerId,
+        hello: &Hello,
+    ) -> Result<Option<OffsetDateTime>, crate::AdmissionError> {
+        let now = self.wall();
+        match self
+            .members
+            .verified_announcement(author, &hello.ticket, &hello.proof)
+        {
+            Some(Some(expires)) if expires <= now => {
+                Err(crate::AdmissionError::Expired(super::rfc3339(expires)))
+            }
+            Some(expires) => Ok(expires),
+            None => {
+                let author = author.to_base58();
+                crate::admission::check_ticket(
+                    &hello.ticket,
+                    &hello.proof,
+                    &Presentation::announcement(&author),
+                    &self.cfg.admission_key,
+                    now,
+                )
+            }
+        }
+    }
+
     pub(super) fn on_announcement(&mut self, author: PeerId, data: &[u8]) -> MessageAcceptance {
         if author == self.local {
             return MessageAcceptance::Ignore;
@@ -163,7 +240,7 @@ impl EventLoop {
                 return MessageAcceptance::Reject;
             }
         };
-        match self.verify_ticket(&author, &hello.ticket) {
+        match self.verify_announcement(&author, &hello) {
             Err(e) => {
                 debug!(%author, "announcement rejected: its author {e}");
                 MessageAcceptance::Reject

@@ -2,13 +2,14 @@
 
 use std::time::Instant;
 
+use beemesh_manifest::ticket::Presentation;
 use libp2p::PeerId;
-use libp2p::request_response::{self, OutboundFailure, ResponseChannel};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
 use super::{EventLoop, PeerState, REJECT_GRACE, Status, clip, rfc3339};
-use crate::admission::{AdmissionError, check_ticket};
+use crate::admission::{AdmissionError, check_nonce, check_ticket};
 use crate::handle::MeshEvent;
 use crate::wire::{Hello, HelloReply};
 
@@ -26,10 +27,20 @@ impl EventLoop {
             } => self.on_hello(peer, request, channel),
             Event::Message {
                 peer,
-                message: Message::Response { response, .. },
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
                 ..
-            } => self.on_hello_reply(peer, response),
-            Event::OutboundFailure { peer, error, .. } => {
+            } => self.on_hello_reply(peer, request_id, response),
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.hello_nonces.remove(&request_id);
                 let pending = matches!(
                     self.peers.get(&peer).map(|s| &s.status),
                     Some(Status::Pending { .. })
@@ -54,18 +65,32 @@ impl EventLoop {
         }
     }
 
-    /// Verifies a ticket, reusing an earlier verification of exactly these bytes.
-    pub(super) fn verify_ticket(
+    /// Verifies the ticket and proof of a handshake message from `peer` (authenticated by
+    /// noise). Always verified afresh: a handshake proof is good for one presentation only.
+    fn verify_hello(
+        &self,
+        hello: &Hello,
+        presentation: &Presentation<'_>,
+    ) -> Result<Option<OffsetDateTime>, AdmissionError> {
+        check_ticket(
+            &hello.ticket,
+            &hello.proof,
+            presentation,
+            &self.cfg.admission_key,
+            self.wall(),
+        )
+    }
+
+    /// Checks an admission request from `peer`: its ticket, and its proof bound to `peer` as
+    /// requester and this node as the one asked.
+    fn verify_request(
         &self,
         peer: &PeerId,
-        ticket: &[u8],
+        hello: &Hello,
     ) -> Result<Option<OffsetDateTime>, AdmissionError> {
-        let now = self.wall();
-        match self.members.verified_ticket(peer, ticket) {
-            Some(Some(expires)) if expires <= now => Err(AdmissionError::Expired(rfc3339(expires))),
-            Some(expires) => Ok(expires),
-            None => check_ticket(ticket, &self.cfg.admission_key, peer, now),
-        }
+        check_nonce(&hello.nonce)?;
+        let remote = peer.to_base58();
+        self.verify_hello(hello, &Presentation::request(&remote, &self.local_b58))
     }
 
     /// The dialer's introduction (we are the listener).
@@ -77,11 +102,11 @@ impl EventLoop {
     ) {
         let reply = match self.peers.get(&peer).map(|s| &s.status) {
             None | Some(Status::Closing) => return,
-            Some(Status::Admitted { .. }) => match self.verify_ticket(&peer, &hello.ticket) {
+            Some(Status::Admitted { .. }) => match self.verify_request(&peer, &hello) {
                 Ok(expires) => {
                     self.observe(peer, &hello, expires, true);
                     HelloReply {
-                        hello: Some(self.hello()),
+                        hello: Some(self.reply_hello(peer, &hello.nonce)),
                         refused: None,
                     }
                 }
@@ -94,12 +119,12 @@ impl EventLoop {
                     }
                 }
             },
-            Some(Status::Pending { .. }) => match self.verify_ticket(&peer, &hello.ticket) {
+            Some(Status::Pending { .. }) => match self.verify_request(&peer, &hello) {
                 Ok(expires) => {
                     self.admit(peer, expires);
                     self.observe(peer, &hello, expires, true);
                     HelloReply {
-                        hello: Some(self.hello()),
+                        hello: Some(self.reply_hello(peer, &hello.nonce)),
                         refused: None,
                     }
                 }
@@ -126,7 +151,13 @@ impl EventLoop {
     }
 
     /// The listener's answer to our introduction (we are the dialer).
-    pub(super) fn on_hello_reply(&mut self, peer: PeerId, reply: HelloReply) {
+    pub(super) fn on_hello_reply(
+        &mut self,
+        peer: PeerId,
+        request: OutboundRequestId,
+        reply: HelloReply,
+    ) {
+        let nonce = self.hello_nonces.remove(&request).unwrap_or_default();
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -145,7 +176,9 @@ impl EventLoop {
             self.reject(peer, AdmissionError::EmptyReply.to_string(), false);
             return;
         };
-        match self.verify_ticket(&peer, &hello.ticket) {
+        let remote = peer.to_base58();
+        let presentation = Presentation::reply(&remote, &self.local_b58, &nonce);
+        match self.verify_hello(&hello, &presentation) {
             Ok(expires) => {
                 if !self.is_admitted(&peer) {
                     self.admit(peer, expires);

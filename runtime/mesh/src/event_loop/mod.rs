@@ -27,7 +27,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admission::{AdmissionError, check_ticket};
+use beemesh_manifest::ticket::{Presentation, Ticket};
+
+use crate::admission::{AdmissionError, parse_ticket};
 use crate::behaviour::{Behaviour, BehaviourEvent, GatedEvent, build_swarm};
 use crate::error::show_key;
 use crate::handle::{Command, MeshEvent, MeshHandle, Reply, Validation};
@@ -57,13 +59,41 @@ pub(crate) async fn start(
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
     let mut swarm = build_swarm(&cfg)?;
     let local = *swarm.local_peer_id();
-    match check_ticket(&cfg.ticket, &cfg.admission_key, &local, (cfg.clock)()) {
-        Ok(expires) => info!(peer = %local, expires = ?expires, "mesh identity and ticket ready"),
-        Err(e) => warn!(
-            peer = %local,
-            "this node's own admission ticket is not valid, so peers will refuse it: it {e}"
-        ),
-    }
+    let local_b58 = local.to_base58();
+    // This node's own ticket and its announcement proof. A ticket that does not admit this
+    // node is presented anyway (peers refuse it and say why), so that the fault shows on both
+    // sides; `beemesh node` refuses to start with one before it gets here.
+    let own_ticket = parse_ticket(&cfg.ticket, &local_b58);
+    let own = Presentation::announcement(&local_b58);
+    let own_check = own_ticket
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            let proof = t
+                .prove(cfg.ticket_key.as_deref(), &own)
+                .map_err(|e| e.to_string())?;
+            t.verify(&cfg.admission_key, &own, &proof, (cfg.clock)())
+                .map_err(|e| e.to_string())?;
+            Ok(proof)
+        });
+    let announce_proof = match own_check {
+        Ok(proof) => {
+            let expires = own_ticket
+                .as_ref()
+                .ok()
+                .and_then(|t| t.expires)
+                .map(rfc3339);
+            info!(peer = %local, expires = ?expires, "mesh identity and ticket ready");
+            proof
+        }
+        Err(e) => {
+            warn!(
+                peer = %local,
+                "this node's own admission ticket does not admit it, so peers will refuse it: {e}"
+            );
+            Vec::new()
+        }
+    };
 
     // Bind every listener before returning, so that listen errors surface here.
     let mut waiting = HashMap::new();
@@ -158,6 +188,10 @@ pub(crate) async fn start(
         .collect();
     let event_loop = EventLoop {
         local,
+        local_b58,
+        own_ticket: own_ticket.ok(),
+        announce_proof,
+        hello_nonces: HashMap::new(),
         seq: 0,
         announcement: cfg.announcement.clone(),
         cfg,
@@ -228,6 +262,14 @@ type RecordReply = Reply<Option<Vec<u8>>>;
 struct EventLoop {
     cfg: MeshConfig,
     local: PeerId,
+    /// `local` in base58, as proofs name it.
+    local_b58: String,
+    /// This node's ticket, parsed (`None` if it does not parse: presented as is, and refused).
+    own_ticket: Option<Ticket>,
+    /// This node's proof for its announcements (empty with a peer ticket or without a key).
+    announce_proof: Vec<u8>,
+    /// The nonce of each admission request in flight, which the reply's proof must cover.
+    hello_nonces: HashMap<OutboundRequestId, Vec<u8>>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<MeshEvent>,
@@ -554,9 +596,9 @@ impl EventLoop {
         {
             state.dialed.push(address.clone());
         }
-        // The dialer presents its ticket first; the listener answers with its own only once
-        // the dialer's is verified, so a ticket is never handed to an unverified peer that
-        // merely connected to us.
+        // The dialer presents its ticket first, with a proof bound to both peer ids (worthless
+        // to the listener and to anyone else); the listener answers with its own only once the
+        // dialer's is verified, with a proof that also covers the dialer's fresh nonce.
         let send = endpoint.is_dialer()
             && matches!(
                 state.status,
@@ -576,11 +618,14 @@ impl EventLoop {
         }
         debug!(%peer, dialer = endpoint.is_dialer(), "connection established");
         if send {
-            let hello = self.hello();
-            self.swarm
+            let hello = self.request_hello(peer);
+            let nonce = hello.nonce.clone();
+            let id = self
+                .swarm
                 .behaviour_mut()
                 .admission
                 .send_request(&peer, hello);
+            self.hello_nonces.insert(id, nonce);
         }
     }
 

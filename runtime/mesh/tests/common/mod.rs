@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use beemesh_manifest::SecretKey;
-use beemesh_manifest::ticket::Ticket;
+use beemesh_manifest::ticket::{Binding, Ticket};
 use beemesh_mesh::{Keypair, MeshConfig, MeshEvent, MeshHandle, Multiaddr, PeerId, Validation};
 use libp2p::multiaddr::Protocol;
 use time::OffsetDateTime;
@@ -27,30 +27,89 @@ pub fn admission() -> SecretKey {
     SecretKey::from_seed([42; 32])
 }
 
-/// A fleet ticket (admits anyone holding it) valid for a day.
-pub fn fleet_ticket(adm: &SecretKey) -> Vec<u8> {
+/// A node's admission credentials: its ticket file's bytes and, for a fleet ticket, the
+/// ticket secret key.
+pub struct Creds {
+    pub ticket: Vec<u8>,
+    pub key: Option<SecretKey>,
+}
+
+impl Creds {
+    /// No ticket at all.
+    pub fn none() -> Self {
+        Creds {
+            ticket: Vec::new(),
+            key: None,
+        }
+    }
+
+    pub fn parsed(&self) -> Ticket {
+        Ticket::parse(
+            "test ticket",
+            std::str::from_utf8(&self.ticket).expect("utf-8"),
+        )
+        .expect("a ticket")
+    }
+}
+
+/// A fleet ticket (admits whoever holds its ticket key) valid for a day, with its key.
+pub fn fleet_ticket(adm: &SecretKey) -> Creds {
     let now = OffsetDateTime::now_utc();
-    Ticket::issue(
+    let (ticket, key) = Ticket::issue_fleet(
         adm,
-        None,
         now - time::Duration::hours(1),
         Some(now + time::Duration::days(1)),
     )
-    .to_toml()
-    .into_bytes()
+    .expect("randomness");
+    Creds {
+        ticket: ticket.to_toml().into_bytes(),
+        key: Some(key),
+    }
 }
 
-pub fn ticket_for(adm: &SecretKey, peer: PeerId, expires: Option<OffsetDateTime>) -> Vec<u8> {
+pub fn ticket_for(adm: &SecretKey, peer: PeerId, expires: Option<OffsetDateTime>) -> Creds {
     let issued = OffsetDateTime::now_utc() - time::Duration::days(2);
-    Ticket::issue(adm, Some(peer.to_base58()), issued, expires)
-        .to_toml()
-        .into_bytes()
+    Creds {
+        ticket: Ticket::issue(adm, Binding::Peer(peer.to_base58()), issued, expires)
+            .to_toml()
+            .into_bytes(),
+        key: None,
+    }
+}
+
+/// A fleet ticket of format version 1 (no ticket key: a bearer credential), as releases
+/// before the ticket key wrote it. Built by hand from that format's signing rule.
+pub fn bearer_ticket(adm: &SecretKey) -> Creds {
+    let issued = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let mut msg = b"beemesh/v1/admission-ticket\0".to_vec();
+    for field in [
+        &b""[..],
+        &issued.unix_timestamp().to_be_bytes()[..],
+        &b""[..],
+    ] {
+        msg.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        msg.extend_from_slice(field);
+    }
+    let text = format!(
+        "version = 1\nissued = \"{}\"\nkey = \"{}\"\nsig = \"{}\"\n",
+        issued
+            .replace_nanosecond(0)
+            .expect("time")
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("format"),
+        adm.public(),
+        beemesh_manifest::keys::encode_signature(&adm.sign(&msg)),
+    );
+    Creds {
+        ticket: text.into_bytes(),
+        key: None,
+    }
 }
 
 /// Test timing: fast announcements, with room for a loaded 2-core machine running the tests in
 /// parallel (a peer is declared down after ten missed announcements).
-pub fn config(keypair: Keypair, ticket: Vec<u8>) -> MeshConfig {
-    let mut cfg = MeshConfig::new(keypair, admission().public(), ticket);
+pub fn config(keypair: Keypair, creds: Creds) -> MeshConfig {
+    let mut cfg = MeshConfig::new(keypair, admission().public(), creds.ticket, creds.key);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
     cfg.announce_interval = Duration::from_millis(300);
     cfg.peer_timeout = Duration::from_secs(3);

@@ -25,8 +25,12 @@ impl Fleet {
     pub fn new() -> Self {
         let dir = TempDir::new().expect("tempdir");
         let admission = SecretKey::from_seed([42; 32]);
-        let ticket = Ticket::issue(&admission, None, OffsetDateTime::now_utc(), None);
+        let (ticket, key) =
+            Ticket::issue_fleet(&admission, OffsetDateTime::now_utc(), None).expect("random");
         std::fs::write(dir.path().join("ticket"), ticket.to_toml()).expect("ticket");
+        // Where the node looks by default: `.key` beside the ticket.
+        key.save_new(&dir.path().join("ticket.key"))
+            .expect("ticket key");
         Self {
             dir,
             operator: SecretKey::from_seed([7; 32]),
