@@ -240,6 +240,10 @@ impl Rig {
         }
         // The attacker: admitted with the fleet ticket, announcing a small capacity.
         let ticket = std::fs::read(&self.creds.fleet_ticket).expect("the fleet ticket");
+        let ticket_key = beemesh_manifest::SecretKey::load(
+            &beemesh_manifest::ticket::default_key_path(&self.creds.fleet_ticket),
+        )
+        .expect("the fleet ticket's key");
         let bootstrap: Vec<String> = self
             .members
             .iter()
@@ -250,6 +254,7 @@ impl Rig {
             self.evil_key.clone(),
             &self.creds.admission,
             ticket,
+            Some(ticket_key),
             &bootstrap,
         )
         .unwrap_or_else(|e| panic!("{e}"));
