@@ -31,6 +31,9 @@ pub enum MeshEvent {
     PeerRejected { peer: PeerId, reason: String },
     /// A peer refused this node's ticket.
     RefusedByPeer { peer: PeerId, reason: String },
+    /// An admitted peer announced itself, but the membership view already tracks
+    /// `max_members` peers and none is down: it is not tracked (not up, not a member).
+    MembershipFull { peer: PeerId },
     /// A message on a topic the node subscribed to, from an admitted author, not yet forwarded:
     /// answer with [`MeshHandle::validate`]`(message_id, propagation_source, ..)`.
     Gossip {

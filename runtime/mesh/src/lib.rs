@@ -66,6 +66,10 @@ pub use libp2p::identity::{Keypair, PublicKey as PeerPublicKey};
 pub use libp2p::{Multiaddr, PeerId};
 pub use membership::PeerInfo;
 
+/// Default limit on the peers a membership view tracks: full membership is for small and
+/// medium meshes (docs/mesh.md).
+pub const DEFAULT_MAX_MEMBERS: usize = 16 * 1024;
+
 /// Default limit on a gossip message, record value, request or response.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
@@ -112,6 +116,8 @@ pub struct MeshConfig {
     pub max_records: usize,
     /// Most established connections (inbound ones get at most three quarters).
     pub max_connections: u32,
+    /// Most peers the membership view tracks, up and down (longest-down ones make room).
+    pub max_members: usize,
     /// The wall clock used for ticket expiry (injectable for tests).
     pub clock: fn() -> OffsetDateTime,
 }
@@ -144,6 +150,7 @@ impl MeshConfig {
             kad_bootstrap_interval: Duration::from_secs(300),
             max_records: 16 * 1024,
             max_connections: 256,
+            max_members: DEFAULT_MAX_MEMBERS,
             clock: OffsetDateTime::now_utc,
         }
     }

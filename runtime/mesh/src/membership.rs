@@ -48,6 +48,9 @@ pub(crate) enum Change {
     Refreshed,
     /// An older or repeated announcement (replay): ignored.
     Stale,
+    /// A new peer, but the view holds its limit of members and none of them is down:
+    /// ignored (and counted).
+    Full,
 }
 
 /// One announcement, as the event loop hands it over after checking its ticket.
@@ -65,13 +68,44 @@ pub(crate) struct Announcement<'a> {
     pub direct: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Members {
     members: HashMap<PeerId, Member>,
+    /// Most members tracked, up and down together (a fleet ticket admits any number of
+    /// peer ids, so the view must not grow with what peers make up).
+    max: usize,
 }
 
 impl Members {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            members: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
     pub(crate) fn observe(&mut self, peer: PeerId, a: Announcement<'_>, now: Instant) -> Change {
+        if !self.members.contains_key(&peer) && self.members.len() >= self.max {
+            // Room for a newcomer: the member down the longest goes first; if every member
+            // is up, the newcomer waits (its next announcement tries again).
+            let oldest_down = self
+                .members
+                .iter()
+                .filter(|(_, m)| !m.up)
+                .min_by_key(|(_, m)| m.last_seen)
+                .map(|(p, _)| *p);
+            match oldest_down {
+                Some(p) => {
+                    self.members.remove(&p);
+                }
+                None => return Change::Full,
+            }
+        }
         match self.members.get_mut(&peer) {
             None => {
                 self.members.insert(
@@ -232,7 +266,7 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let p = PeerId::random();
-        let mut m = Members::default();
+        let mut m = Members::new(100);
         assert_eq!(m.observe(p, ann(10, b"a", false), t0), Change::Up);
         assert_eq!(
             m.observe(p, ann(11, b"a", false), t0 + s),
@@ -256,7 +290,7 @@ mod tests {
     fn replays_are_stale_unless_direct() {
         let t0 = Instant::now();
         let p = PeerId::random();
-        let mut m = Members::default();
+        let mut m = Members::new(100);
         m.observe(p, ann(10, b"new", false), t0);
         assert_eq!(m.observe(p, ann(9, b"old", false), t0), Change::Stale);
         assert_eq!(m.observe(p, ann(10, b"old", false), t0), Change::Stale);
@@ -276,7 +310,7 @@ mod tests {
     fn tickets_are_remembered_with_their_expiry() {
         let t0 = Instant::now();
         let p = PeerId::random();
-        let mut m = Members::default();
+        let mut m = Members::new(100);
         m.observe(p, ann(1, b"", false), t0);
         assert!(m.verified_announcement(&p, b"t", b"p").is_some());
         assert!(m.verified_announcement(&p, b"other", b"p").is_none());
@@ -297,7 +331,7 @@ mod tests {
     fn only_announcements_fill_the_verification_cache() {
         let t0 = Instant::now();
         let p = PeerId::random();
-        let mut m = Members::default();
+        let mut m = Members::new(100);
         // A handshake's proof is for one connection: it is never taken for an announcement's.
         m.observe(p, ann(1, b"", true), t0);
         assert!(m.verified_announcement(&p, b"t", b"p").is_none());
@@ -313,11 +347,47 @@ mod tests {
     }
 
     #[test]
+    fn the_view_is_bounded_and_makes_room_from_down_members_only() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut m = Members::new(3);
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        for p in &peers[..3] {
+            assert_eq!(m.observe(*p, ann(1, b"", false), t0), Change::Up);
+        }
+        // Full of live members: a fourth is not tracked, however often it announces.
+        assert_eq!(m.observe(peers[3], ann(1, b"", false), t0), Change::Full);
+        assert_eq!(m.observe(peers[3], ann(2, b"", true), t0), Change::Full);
+        assert_eq!(m.len(), 3);
+        // Known members are still heard.
+        let half = Duration::from_millis(500);
+        assert_eq!(
+            m.observe(peers[0], ann(2, b"x", false), t0 + half),
+            Change::Updated
+        );
+        // Two go down (2 heard last at t0, 0 half a second later); 1 stays up. Newcomers
+        // replace the longest-down first.
+        m.observe(peers[1], ann(3, b"", false), t0 + 5 * s);
+        m.expire(t0 + 9 * s, 8 * s);
+        assert_eq!(m.list(|_| false).len(), 1, "0 and 2 are down");
+        assert_eq!(
+            m.observe(peers[3], ann(3, b"", false), t0 + 10 * s),
+            Change::Up
+        );
+        assert!(
+            m.verified_announcement(&peers[2], b"t", b"p").is_none(),
+            "2 went first"
+        );
+        assert!(m.verified_announcement(&peers[0], b"t", b"p").is_some());
+        assert_eq!(m.len(), 3);
+    }
+
+    #[test]
     fn down_members_are_forgotten_after_a_while() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let p = PeerId::random();
-        let mut m = Members::default();
+        let mut m = Members::new(100);
         m.observe(p, ann(1, b"", false), t0);
         m.expire(t0 + 10 * s, 8 * s);
         m.forget_down(t0 + 11 * s, 60 * s);

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub peers: Gauge,
     pub workloads: Gauge,
     pub peers_rejected: Counter,
+    /// Admitted peers not tracked because the membership view was full.
+    pub members_refused: Counter,
     pub syncs: Counter,
 }
 
@@ -130,6 +132,12 @@ impl Metrics {
         let peers = Gauge::default();
         let workloads = Gauge::default();
         let peers_rejected = Counter::default();
+        let members_refused = Counter::default();
+        registry.register(
+            "members_refused",
+            "Admitted peers' announcements not tracked because the membership view was full",
+            members_refused.clone(),
+        );
         let syncs = Counter::default();
         let scheduler = SchedulerMetrics::default();
         registry.register(
@@ -181,6 +189,7 @@ impl Metrics {
             peers,
             workloads,
             peers_rejected,
+            members_refused,
             syncs,
         }
     }

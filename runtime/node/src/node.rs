@@ -725,6 +725,10 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
             shared.metrics.peers_rejected.inc();
             tracing::warn!(%peer, "refused peer: {reason}");
         }
+        MeshEvent::MembershipFull { peer } => {
+            shared.metrics.members_refused.inc();
+            tracing::debug!(%peer, "membership view full: peer not tracked");
+        }
         MeshEvent::RefusedByPeer { peer, reason } => {
             tracing::warn!(%peer, "peer refused this node: {reason}")
         }

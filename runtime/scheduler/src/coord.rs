@@ -1239,13 +1239,7 @@ impl<I: NodeKey> Scheduler<I> {
             }
             let mut groups = groups;
             let before = groups.len();
-            groups.retain(|g| {
-                !matches!(self.verified(&g.workload), Verified::Mismatch)
-                    || self
-                        .desired
-                        .get(&w)
-                        .is_some_and(|d| g.workload.generation < d.generation)
-            });
+            groups.retain(|g| !matches!(self.verified(&g.workload), Verified::Mismatch));
             for _ in groups.len()..before {
                 self.refuse(from, "report", Refusal::ContentMismatch);
             }

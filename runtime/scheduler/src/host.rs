@@ -354,9 +354,6 @@ impl<I: NodeKey> Scheduler<I> {
     /// Stops a claim that lost, only if it is exactly the claim named (a stale revoke never
     /// stops a newer award).
     pub(crate) fn on_revoke(&mut self, from: &I, r: &Revoke, now: Millis) {
-        if !self.held.contains_key(&r.workload) {
-            return;
-        }
         if !self.may_command(from, &r.workload, now) {
             self.refuse(from, "revoke", Refusal::NotCoordinator);
             return;

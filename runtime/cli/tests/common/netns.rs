@@ -1098,6 +1098,7 @@ async fn serve(
             Some(MeshEvent::RefusedByPeer { peer, reason }) => {
                 record(format!("RefusedByPeer {peer}: {reason}"))
             }
+            Some(MeshEvent::MembershipFull { peer }) => record(format!("MembershipFull {peer}")),
             Some(MeshEvent::PeerUpdated { .. } | MeshEvent::Listening { .. }) => {}
         }
     }

@@ -126,6 +126,10 @@ impl EventLoop {
                     announcement: hello.payload.clone(),
                 });
             }
+            Change::Full => {
+                debug!(%peer, "membership view full: peer not tracked");
+                self.emit(MeshEvent::MembershipFull { peer });
+            }
             Change::Refreshed | Change::Stale => {}
         }
         change
@@ -246,7 +250,7 @@ impl EventLoop {
                 MessageAcceptance::Reject
             }
             Ok(expires) => match self.observe(author, &hello, expires, false) {
-                Change::Stale => MessageAcceptance::Ignore,
+                Change::Stale | Change::Full => MessageAcceptance::Ignore,
                 _ => MessageAcceptance::Accept,
             },
         }

@@ -186,6 +186,7 @@ pub(crate) async fn start(
             })
         })
         .collect();
+    let members = Members::new(cfg.max_members);
     let event_loop = EventLoop {
         local,
         local_b58,
@@ -204,7 +205,7 @@ pub(crate) async fn start(
         bans: HashMap::new(),
         manual_blocks: HashSet::new(),
         to_ban: Vec::new(),
-        members: Members::default(),
+        members,
         bootstrap,
         kad_bootstrapped: false,
         pending_get: HashMap::new(),

@@ -127,6 +127,7 @@ pub enum Seen {
     Down(PeerId),
     Rejected(PeerId, String),
     Refused(PeerId, String),
+    Full(PeerId),
     Gossip {
         topic: String,
         source: PeerId,
@@ -204,6 +205,7 @@ impl TestNode {
                     MeshEvent::PeerDown { peer } => Seen::Down(peer),
                     MeshEvent::PeerRejected { peer, reason } => Seen::Rejected(peer, reason),
                     MeshEvent::RefusedByPeer { peer, reason } => Seen::Refused(peer, reason),
+                    MeshEvent::MembershipFull { peer } => Seen::Full(peer),
                     MeshEvent::Listening { .. } => continue,
                 };
                 l.lock().expect("lock").push(seen);
