@@ -537,6 +537,16 @@ impl<I: NodeKey> Scheduler<I> {
                 }
             }
             if drop_pending && let Some(p) = s.pending.take() {
+                // Given up (not for a node that went down): if the award did arrive and only its
+                // acknowledgements were lost, the replica must not outlive the decision to place
+                // it elsewhere. The revoke names exactly this award, so it stops nothing else.
+                let holds_it = s.holder.as_ref().is_some_and(|h| h.node == p.node);
+                if self.members.is_live(&p.node) && !holds_it {
+                    outbox.push((
+                        p.node.clone(),
+                        revoke(w, index, p.spec.generation, p.epoch, RevokeReason::Other),
+                    ));
+                }
                 avoid(s, p.node);
                 freed = true;
             }

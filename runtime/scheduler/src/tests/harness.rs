@@ -383,6 +383,22 @@ impl Cluster {
         }
     }
 
+    /// A node announces new capacity or labels: every live node (itself included) learns it.
+    pub fn announce(&mut self, id: u32, info: NodeInfo) {
+        self.nodes.get_mut(&id).unwrap().info = info.clone();
+        for n in self.alive() {
+            if n == id || self.nodes[&n].sees.contains(&id) {
+                self.input(
+                    n,
+                    Input::NodeUpdated {
+                        node: id,
+                        info: info.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     /// Delivers `msg` to `to` as if `from` sent it now (an attacker's forgery).
     pub fn inject(&mut self, from: u32, to: u32, msg: Message<u32>) {
         self.input(to, Input::Message { from, msg });

@@ -145,26 +145,47 @@ fn every_award_lost_moves_the_replica_elsewhere() {
     let coord = c.coordinator(&w.id);
     let deaf = (0..6).find(|&i| i != coord).unwrap();
     // Make `deaf` the best bidder so it surely wins, then lose every award to it.
-    c.nodes.get_mut(&deaf).unwrap().info.allocatable.cpu = 100_000;
-    let i = c.nodes[&deaf].info.clone();
-    c.input(
-        deaf,
-        Input::NodeUp {
-            node: deaf,
-            info: i,
-        },
-    );
+    c.announce(deaf, info(100_000, 100_000, &[]));
     c.filter = Some(Box::new(move |_, _, to, m| {
         to == deaf && matches!(m, Message::Award(_))
     }));
     c.submit(w.clone());
     c.run_for(5_000);
     c.assert_exact(&w.id);
+    assert!(c.count("award") > 3, "awards to `deaf` were sent and lost");
     assert!(c.nodes[&deaf].running.is_empty());
     assert!(
         c.sched(deaf).reservations.is_empty(),
         "its reservation expired"
     );
+}
+
+#[test]
+fn an_award_whose_every_acknowledgement_is_lost_is_revoked_when_placed_elsewhere() {
+    let cfg = SchedulerConfig {
+        min_candidates: 6,
+        ..test_config()
+    };
+    let mut c = Cluster::new(6, |_| info(1000, 1000, &[]), cfg);
+    settle(&mut c);
+    let w = spec("w", 3, Spread::Node);
+    let coord = c.coordinator(&w.id);
+    let mute = (0..6).find(|&i| i != coord).unwrap();
+    // `mute` wins, runs the replica, and none of its reports reaches the coordinator until
+    // after the award is given up (3 attempts of 300 ms) and the slot placed elsewhere.
+    c.announce(mute, info(100_000, 100_000, &[]));
+    c.filter = Some(Box::new(move |now, from, _, m| {
+        from == mute && matches!(m, Message::Report(_)) && now < 4_000
+    }));
+    c.submit(w.clone());
+    step_until(&mut c, |m| matches!(m.3, Message::Award(_)) && m.2 == mute);
+    c.run_for(2_500);
+    // Well before the next periodic report (5 s), the replica it ran is gone.
+    assert!(
+        c.nodes[&mute].running.is_empty(),
+        "the given-up award was revoked"
+    );
+    c.assert_exact(&w.id);
 }
 
 #[test]
