@@ -13,11 +13,16 @@
 //! - candidates **bid** from their real free capacity and `prefer` labels, reserving the
 //!   capacity until the bid is settled or the hold expires;
 //! - the coordinator **awards** exactly the missing replica indexes to the best bids (ties by
-//!   a rendezvous hash, never by arrival order), each under a fresh epoch; the losers are
-//!   released;
-//! - hosts **report** what they hold; the coordinator keeps the best claim per replica by the
-//!   total order (generation, epoch, rendezvous weight, node id) and **revokes** the others,
-//!   which makes a healed partition converge to exactly one holder per replica;
+//!   a rendezvous hash, never by arrival order), each under a fresh epoch and signed with its
+//!   key ([`authority`]); the losers are released;
+//! - hosts **report** what they hold, each replica with its signed award; the coordinator keeps
+//!   the best claim per replica by the total order (generation, the award's authority, epoch,
+//!   rendezvous weight, node id) and **revokes** the others, which makes a healed partition
+//!   converge to exactly one holder per replica;
+//! - **authority**: messages name workloads by (namespace, name, generation, content id) and
+//!   carry no spec; every decision takes its spec from a manifest the node verified itself
+//!   ([`Input::Workload`]); tenders, awards and revokes count only from the workload's
+//!   coordinator; what a peer's message cannot prove is refused ([`Output::Refused`]);
 //! - a host persists its assignments ([`Output::Persist`]) and restarts them from
 //!   [`Scheduler::restore`] with no network at all.
 
