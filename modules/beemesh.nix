@@ -59,8 +59,9 @@ let
 
   # The same behaviour as the Debian image's beemesh-config.service (runtime/image/rootfs):
   # the files of the BEEMESH FAT partition are read with mtools (nothing is mounted) and copied
-  # to /run/beemesh/config, readable by the node's group only; *.network, *.netdev and *.link
-  # files under network/ go to /run/systemd/network, where systemd-networkd picks them up.
+  # to /run/beemesh-config, root's and readable by the node's group only (the node cannot
+  # change its own configuration); *.network, *.netdev and *.link files under network/ go to
+  # /run/systemd/network, where systemd-networkd picks them up.
   copyConfigPartition = ''
     dest=${pure.configPartitionCopy}
     dev=${lib.escapeShellArg partitionDevice}
@@ -72,8 +73,7 @@ let
       echo "beemesh-config: no partition labelled ${partition.label}; the node uses /etc/beemesh/host.toml"
       exit 0
     fi
-    install -d -m 0755 -o ${cfg.user} -g ${cfg.group} /run/beemesh
-    tmp=$(mktemp -d /run/beemesh/.config.XXXXXX)
+    tmp=$(mktemp -d /run/.beemesh-config.XXXXXX)
     # An empty partition has nothing to match: not an error.
     MTOOLS_SKIP_CHECK=1 mcopy -s -n -i "$dev" '::*' "$tmp/" 2>/dev/null || true
     rm -f "$tmp/README.txt"
@@ -236,7 +236,8 @@ in
         description = ''
           Read the host's config from a FAT partition labelled
           {option}`services.beemesh.configPartition.label` at boot, as flashed images do
-          (DESIGN.md section 8): its files are copied to `/run/beemesh/config`, whose
+          (DESIGN.md section 8): its files are copied to `/run/beemesh-config` (root's,
+          readable by the node's group), whose
           `host.toml` (with the `ticket` beside it) the daemon prefers to
           `/etc/beemesh/host.toml`, and its `network/*.network` files configure
           systemd-networkd. The partition's `host.toml` must keep `node.data_dir` at
@@ -304,7 +305,8 @@ in
         inherit (cfg) user group;
         mode = "0700";
       };
-      # The API socket's directory; the config partition's copy lives beneath it.
+      # The API socket's directory, the only place under /run the node writes. The config
+      # partition's copy is root's, beside it (/run/beemesh-config), never beneath it.
       "/run/beemesh".d = {
         inherit (cfg) user group;
         mode = "0755";

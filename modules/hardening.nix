@@ -4,7 +4,9 @@
 # alone; the lists are ordinary definitions, so a configuration adds to them (mkForce replaces).
 #
 # What the daemon needs, and so what stays allowed:
-#   - writes to its data directory and to /run/beemesh (the API socket) only;
+#   - writes to its data directory and to /run/beemesh (the API socket) only; never to its
+#     configuration (/etc/beemesh, /run/beemesh-config, its credentials), which stays
+#     read-only under ProtectSystem=strict as under its own Landlock rules;
 #   - its rootless Podman's API socket (./podman.nix binds it into the hidden /run/user);
 #   - the Landlock system calls, prctl and capset (it drops what it holds itself), setrlimit
 #     and prlimit (memory limits of containers on cgroup v1, docs/drivers.md);

@@ -9,12 +9,14 @@ use beemesh_sandbox::SandboxPolicy;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-/// Where a flashed image's boot unit copies the `BEEMESH` config partition's files.
-pub const CONFIG_PARTITION_COPY: &str = "/run/beemesh/config/host.toml";
+/// Where a flashed image's boot unit copies the `BEEMESH` config partition's files: a
+/// root-owned directory the daemon may read (group) but not write, apart from the API
+/// socket's directory (`/run/beemesh`), which the daemon writes.
+pub const CONFIG_PARTITION_COPY: &str = "/run/beemesh-config/host.toml";
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The host config. Default: the config partition's copy (/run/beemesh/config/host.toml)
+    /// The host config. Default: the config partition's copy (/run/beemesh-config/host.toml)
     /// when it exists, else /etc/beemesh/host.toml.
     #[arg(long, value_name = "FILE", env = "BEEMESH_CONFIG")]
     config: Option<PathBuf>,

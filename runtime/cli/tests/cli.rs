@@ -863,7 +863,9 @@ fn start_node(
 ) -> (NodeProcess, PathBuf) {
     let root = dir.join(name);
     fs::create_dir_all(&root).expect("node dir");
-    let sock = root.join("api.sock");
+    // The API socket in a directory of its own: the daemon may write there, and must not be
+    // able to write its config (the sandbox refuses a config beneath a writable directory).
+    let sock = root.join("run/api.sock");
     let host = root.join("host.toml");
     fs::write(
         &host,
