@@ -1,6 +1,7 @@
 //! `beemesh node`: runs the daemon.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use beemesh_manifest::HostConfig;
@@ -67,12 +68,25 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
             .read_exec
             .extend(beemesh_driver::process::default_read_exec_paths());
     }
+    // The process driver hides the node's API socket, data and config from its workloads in
+    // a mount namespace, which a Landlock-confined process can no longer make: before
+    // confine.
+    let driver: Option<Arc<dyn beemesh_driver::ContainerDriver>> =
+        if config.runtime.driver == beemesh_manifest::host::Driver::Process {
+            Some(Arc::new(beemesh_node::node::process_driver(
+                &config,
+                Some(&path),
+            )?))
+        } else {
+            None
+        };
     let status = beemesh_sandbox::confine(&policy)?;
     for gap in &status.not_enforced {
         tracing::warn!("sandbox: not enforced: {gap}");
     }
     let mut opts = NodeOptions::new(config, Some(path));
     opts.sandbox = serde_json::to_value(&status).context("sandbox status")?;
+    opts.driver = driver;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

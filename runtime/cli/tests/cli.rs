@@ -1068,3 +1068,98 @@ fn apply_wait_logs_and_delete_wait_against_a_running_node() {
         .code(1)
         .stderr(predicate::str::contains("was deleted"));
 }
+
+/// Polls `beemesh logs NS/NAME` of the node at `sock` until a line contains `needle`;
+/// returns the whole output.
+fn wait_for_logs(sock: &Path, workload: &str, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = beemesh()
+            .arg("--api")
+            .arg(sock)
+            .args(["logs", workload])
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains(needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logs of {workload} never showed {needle:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_process_driver_workload_cannot_reach_the_node_api_of_a_confined_daemon() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    // Two nodes (a lone node places nothing it has no record of), both confined.
+    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "required");
+    let status = status_of(&sock);
+    assert_ne!(status["sandbox"]["landlock"]["enforcement"], "not-enforced");
+    let boot = format!(
+        "{}/p2p/{}",
+        status["listen"][0].as_str().expect("a listen address"),
+        status["peer_id"].as_str().expect("a peer id")
+    );
+    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "required");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two nodes never saw each other"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // A replica that tries its own node's API socket (<node dir>/run/api.sock; HOME is
+    // <node dir>/data/process/<replica>/data) with the program a user would use.
+    let manifest = dir.path().join("prober.toml");
+    fs::write(
+        &manifest,
+        format!(
+            "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"prober\"\ngeneration = 1\n\
+             [[container]]\nname = \"main\"\nimage = \"none\"\n\
+             command = [\"/bin/sh\", \"-c\", '''{}''']\n\
+             resources = {{ cpu = \"10m\", memory = \"32Mi\" }}\n",
+            r#"SOCK="${HOME%/data/process/*}/run/api.sock"; echo "socket=$SOCK"; perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => $ARGV[0]); print $s ? "api=connected\n" : "api=failed: $!\n"' "$SOCK"; exec sleep 3600"#,
+        ),
+    )
+    .expect("manifest");
+    let signed = dir.path().join("prober.signed.toml");
+    sign(&manifest, &mesh.op, &signed);
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args(["apply", "--wait", "--timeout", "60s"])
+        .arg(&signed)
+        .assert()
+        .success();
+    let logs = wait_for_logs(&sock, "default/prober", "api=");
+    assert!(
+        logs.contains(&format!("socket={}", sock.display()))
+            || logs.contains(&format!("socket={}", sock_two.display())),
+        "the replica must have tried its node's socket: {logs}"
+    );
+    assert!(
+        logs.contains("main | api=failed: No such file or directory"),
+        "the workload must not find the API socket: {logs}"
+    );
+    // The same program outside the driver connects to either node's API.
+    for s in [&sock, &sock_two] {
+        let control = std::process::Command::new("perl")
+            .args([
+                "-MIO::Socket::UNIX",
+                "-e",
+                r#"$s = IO::Socket::UNIX->new(Peer => $ARGV[0]); print $s ? "api=connected\n" : "api=failed: $!\n""#,
+            ])
+            .arg(s)
+            .output()
+            .expect("perl runs");
+        assert_eq!(String::from_utf8_lossy(&control.stdout), "api=connected\n");
+    }
+}
