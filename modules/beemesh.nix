@@ -47,10 +47,18 @@ let
 
   # The node identity lives in data_dir (0600, owned by the node user); a pre-made one (so that
   # the PeerId is known before the first boot, for per-node tickets and bootstrap addresses)
-  # is copied there from its credential before every start.
+  # is copied there from its credential before every start. Atomically, as the daemon writes
+  # its own (runtime/manifest/src/input.rs): a temporary file, fsynced, renamed over the old
+  # one, the directory fsynced; a power cut leaves the old key or the new one, never a part.
   installNodeKey = pkgs.writeShellScript "beemesh-install-node-key" ''
     set -eu
-    install -m 0600 "$CREDENTIALS_DIRECTORY/node.key" ${lib.escapeShellArg "${cfg.dataDir}/node.key"}
+    dir=${lib.escapeShellArg cfg.dataDir}
+    tmp="$dir/.node.key.install"
+    rm -f "$tmp"
+    install -m 0600 "$CREDENTIALS_DIRECTORY/node.key" "$tmp"
+    sync "$tmp"
+    mv -f "$tmp" "$dir/node.key"
+    sync "$dir"
   '';
 
   partition = cfg.configPartition;

@@ -1163,3 +1163,47 @@ fn a_process_driver_workload_cannot_reach_the_node_api_of_a_confined_daemon() {
         assert_eq!(String::from_utf8_lossy(&control.stdout), "api=connected\n");
     }
 }
+
+#[test]
+fn node_key_leftovers_do_not_stop_a_start_and_a_cut_short_key_is_refused_clearly() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    // What a power cut while the node key was being written leaves: temporary files, no
+    // node.key.
+    let data = dir.path().join("one/data");
+    fs::create_dir_all(&data).expect("data dir");
+    fs::write(data.join(".node.key.tmp.0123456789abcdef"), "").expect("empty leftover");
+    fs::write(
+        data.join(".node.key.tmp.fedcba9876543210"),
+        "-----BEGIN PRIVATE KEY-----\nMC4C",
+    )
+    .expect("partial leftover");
+    {
+        let (_node, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
+        assert!(status_of(&sock)["peer_id"].is_string());
+    }
+    let key = data.join("node.key");
+    assert!(
+        fs::read_to_string(&key)
+            .expect("node.key")
+            .contains("-----END PRIVATE KEY-----")
+    );
+
+    // A node.key cut short (by an older version, another tool or a damaged disk) is not
+    // replaced by a new identity behind the operator's back: the node refuses, naming the
+    // file and what to do.
+    fs::write(&key, "").expect("truncate");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
+        .args(["node", "--config"])
+        .arg(dir.path().join("one/host.toml"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&key.display().to_string())
+            && stderr.contains("empty or cut short")
+            && stderr.contains("remove the file"),
+        "{stderr}"
+    );
+}
