@@ -398,10 +398,9 @@ pub(crate) mod child {
         };
         // "/proc/self/fd/N" of the kept directory, formatted without allocating.
         let mut fd_path = [0u8; 40];
-        let keep_path = match &keep {
-            Some(fd) => Some(proc_fd_path(&mut fd_path, fd.as_fd())),
-            None => None,
-        };
+        let keep_path = keep
+            .as_ref()
+            .map(|fd| proc_fd_path(&mut fd_path, fd.as_fd()));
         let hidden = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
         for (i, op) in plan.ops.iter().enumerate() {
             let step = STEP_OPS.saturating_add(u32::try_from(i).unwrap_or(u32::MAX - 1));

@@ -403,13 +403,13 @@ mod tests {
         let root = t.join("data/process");
         std::fs::create_dir_all(&root).expect("mkdir");
         let needed = [t.join("data"), PathBuf::from("/usr")];
-        match plan(&[t.clone()], &root, &needed) {
+        match plan(std::slice::from_ref(&t), &root, &needed) {
             Err(IsolationError::HidesNeeded { hidden, needed }) => {
                 assert_eq!((hidden, needed), (t.clone(), t.join("data")));
             }
             other => panic!("expected a refusal, got {:?}", other.map(|p| p.1)),
         }
-        match plan(&[root.clone()], &root, &[]) {
+        match plan(std::slice::from_ref(&root), &root, &[]) {
             Err(e @ IsolationError::HidesRoot { .. }) => {
                 assert!(e.to_string().contains(&root.display().to_string()), "{e}")
             }
