@@ -765,6 +765,12 @@ pub fn process_config(
             .filter(|p| p.is_absolute())
             .map(Path::to_path_buf),
     );
+    // `--config host.toml` and a ticket beside it are relative to the working directory.
+    for p in &mut pc.hide {
+        if let Ok(abs) = std::path::absolute(&*p) {
+            *p = abs;
+        }
+    }
     pc
 }
 
@@ -797,5 +803,40 @@ async fn make_driver(
             Ok(Arc::new(d))
         }
         Driver::Process => Ok(Arc::new(process_driver(cfg, config_path)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_driver_hides_the_nodes_socket_dir_data_config_ticket_and_token() {
+        let cfg = HostConfig::from_toml(
+            "host.toml",
+            "[node]\ndata_dir = \"/var/lib/beemesh\"\n\
+             [trust]\ndomain = \"example.org\"\nsigners = [\"ed25519:Wl7TJmUNtlOsCpkmT0DMSB2e41W/NmcBK7c1uRjE+BU=\"]\n\
+             [api]\nsocket = \"/run/beemesh/api.sock\"\nlisten = \"127.0.0.1:7420\"\ntoken_file = \"/run/beemesh-config/token\"\n",
+        )
+        .expect("valid host config");
+        // A relative --config (and the ticket beside it) is made absolute.
+        let pc = process_config(&cfg, Some(Path::new("conf/host.toml")));
+        let cwd = std::env::current_dir().expect("cwd");
+        for want in [
+            PathBuf::from("/run/beemesh"),
+            PathBuf::from("/var/lib/beemesh"),
+            cwd.join("conf/host.toml"),
+            cwd.join("conf/ticket"),
+            PathBuf::from("/run/beemesh-config/token"),
+        ] {
+            assert!(
+                pc.hide.contains(&want),
+                "{} not in {:?}",
+                want.display(),
+                pc.hide
+            );
+        }
+        assert!(pc.hide.iter().all(|p| p.is_absolute()), "{:?}", pc.hide);
+        assert_eq!(pc.root, PathBuf::from("/var/lib/beemesh/process"));
     }
 }
