@@ -1162,6 +1162,21 @@ fn a_process_driver_workload_cannot_reach_the_node_api_of_a_confined_daemon() {
             .expect("perl runs");
         assert_eq!(String::from_utf8_lossy(&control.stdout), "api=connected\n");
     }
+    // Replicas outlive their node by design (a restarted node adopts them): remove it.
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args([
+            "delete",
+            "default/prober",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--key",
+        ])
+        .arg(&mesh.op)
+        .assert()
+        .success();
 }
 
 #[test]
