@@ -1,7 +1,10 @@
 # The node ISO (a live system, e.g. for hosts without a disk to flash), built by upstream
 # system.build.images.iso (nixos/modules/image/images.nix, the iso-image.nix module). It runs
-# from memory; its config comes from a FAT file system labelled BEEMESH on any disk or USB
-# stick, exactly as on the disk image, and the node's state lives in memory.
+# from memory and the node's state lives in memory. Its config comes, as on the disk image,
+# only from the boot disk: a FAT partition labelled BEEMESH on the medium the ISO booted from
+# (the disk holding /iso, e.g. a partition added behind the image on the USB stick it was
+# written to). A BEEMESH partition on any other disk or stick is ignored (modules/beemesh.nix),
+# so a host booted from a CD has no config partition and needs a baked host config.
 { lib, ... }:
 {
   imports = [ ./common.nix ];

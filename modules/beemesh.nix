@@ -50,33 +50,48 @@ let
 
   # The node identity lives in data_dir (0600, owned by the node user); a pre-made one (so that
   # the PeerId is known before the first boot, for per-node tickets and bootstrap addresses)
-  # is copied there from its credential before every start.
+  # is copied there from its credential before every start. Atomically, as the daemon writes
+  # its own (runtime/manifest/src/input.rs): a temporary file, fsynced, renamed over the old
+  # one, the directory fsynced; a power cut leaves the old key or the new one, never a part.
   installNodeKey = pkgs.writeShellScript "beemesh-install-node-key" ''
     set -eu
-    install -m 0600 "$CREDENTIALS_DIRECTORY/node.key" ${lib.escapeShellArg "${cfg.dataDir}/node.key"}
+    dir=${lib.escapeShellArg cfg.dataDir}
+    tmp="$dir/.node.key.install"
+    rm -f "$tmp"
+    install -m 0600 "$CREDENTIALS_DIRECTORY/node.key" "$tmp"
+    sync "$tmp"
+    mv -f "$tmp" "$dir/node.key"
+    sync "$dir"
   '';
 
   partition = cfg.configPartition;
-  partitionDevice = "/dev/disk/by-label/${partition.label}";
-  partitionDeviceUnit = "${utils.escapeSystemdPath partitionDevice}.device";
+
+  # The config partition is taken from the boot disk only (DESIGN.md section 2), never from
+  # whatever disk carries a partition of that label: a USB stick labelled BEEMESH must not
+  # supply the trust roots. The same script as the Debian image's (one implementation, tested
+  # by runtime/image/tests/config_partition.rs): the boot disk holds the file system mounted
+  # at /usr (the disk image's erofs store), / or /iso (the ISO's boot medium), as the kernel's
+  # mount table says; on it, the partition whose GPT name or FAT label is the label.
+  findConfigPartition = pkgs.writeShellScript "beemesh-find-config-partition" (
+    builtins.readFile ../runtime/image/rootfs/usr/lib/beemesh/find-config-partition
+  );
 
   # The same behaviour as the Debian image's beemesh-config.service (runtime/image/rootfs):
-  # the files of the BEEMESH FAT partition are read with mtools (nothing is mounted) and copied
-  # to /run/beemesh/config, readable by the node's group only; *.network, *.netdev and *.link
-  # files under network/ go to /run/systemd/network, where systemd-networkd picks them up.
+  # the files of the boot disk's BEEMESH FAT partition are read with mtools (nothing is
+  # mounted) and copied to /run/beemesh-config, root's and readable by the node's group only
+  # (the node cannot change its own configuration); *.network, *.netdev and *.link files under
+  # network/ go to /run/systemd/network, where systemd-networkd picks them up.
   copyConfigPartition = ''
     dest=${pure.configPartitionCopy}
-    dev=${lib.escapeShellArg partitionDevice}
-    if [ ! -e "$dev" ]; then
-      # The GPT partition name, for disks whose FAT volume label was not set.
-      dev=/dev/disk/by-partlabel/${lib.escapeShellArg partition.label}
+    if ! dev=$(${findConfigPartition} ${lib.escapeShellArg partition.label} / /usr /iso); then
+      echo "beemesh-config: not reading any config partition (see above); the node uses /etc/beemesh/host.toml" >&2
+      exit 1
     fi
-    if [ ! -e "$dev" ]; then
-      echo "beemesh-config: no partition labelled ${partition.label}; the node uses /etc/beemesh/host.toml"
+    if [ -z "$dev" ]; then
+      echo "beemesh-config: no ${partition.label} partition on the boot disk; the node uses /etc/beemesh/host.toml"
       exit 0
     fi
-    install -d -m 0755 -o ${cfg.user} -g ${cfg.group} /run/beemesh
-    tmp=$(mktemp -d /run/beemesh/.config.XXXXXX)
+    tmp=$(mktemp -d /run/.beemesh-config.XXXXXX)
     # An empty partition has nothing to match: not an error.
     MTOOLS_SKIP_CHECK=1 mcopy -s -n -i "$dev" '::*' "$tmp/" 2>/dev/null || true
     rm -f "$tmp/README.txt"
@@ -91,7 +106,7 @@ let
         if [ -f "$f" ]; then install -m 0644 "$f" /run/systemd/network/; fi
       done
     fi
-    echo "beemesh-config: copied $(cd "$dest" && find . -type f | sort | tr '\n' ' ')"
+    echo "beemesh-config: copied $(cd "$dest" && find . -type f | sort | tr '\n' ' ') from $dev"
   '';
 
   listen = cfg.settings.mesh.listen or pure.defaultListen;
@@ -252,9 +267,11 @@ in
         type = lib.types.bool;
         default = false;
         description = ''
-          Read the host's config from a FAT partition labelled
-          {option}`services.beemesh.configPartition.label` at boot, as flashed images do
-          (DESIGN.md section 8): its files are copied to `/run/beemesh/config`, whose
+          Read the host's config from the FAT partition labelled (or GPT-named)
+          {option}`services.beemesh.configPartition.label` on the boot disk at boot, as
+          flashed images do; the same label on any other disk (a USB stick) is ignored
+          (DESIGN.md section 8): its files are copied to `/run/beemesh-config` (root's,
+          readable by the node's group), whose
           `host.toml` (with the `ticket` beside it) the daemon prefers to
           `/etc/beemesh/host.toml` (a fleet ticket's `ticket.key` is beside the ticket too),
           and its `network/*.network` files configure
@@ -330,7 +347,8 @@ in
         inherit (cfg) user group;
         mode = "0700";
       };
-      # The API socket's directory; the config partition's copy lives beneath it.
+      # The API socket's directory, the only place under /run the node writes. The config
+      # partition's copy is root's, beside it (/run/beemesh-config), never beneath it.
       "/run/beemesh".d = {
         inherit (cfg) user group;
         mode = "0755";
@@ -389,11 +407,9 @@ in
     systemd.services.beemesh-config = lib.mkIf partition.enable {
       description = "BeeMesh config partition";
       wantedBy = [ "sysinit.target" ];
-      wants = [ partitionDeviceUnit ];
-      after = [
-        partitionDeviceUnit
-        "systemd-tmpfiles-setup-dev.service"
-      ];
+      # No device to wait for: the boot disk's partitions are known to the kernel before
+      # /usr (or /iso) is mounted in the initrd.
+      after = [ "systemd-tmpfiles-setup-dev.service" ];
       before = [
         "systemd-networkd.service"
         "network-pre.target"
@@ -406,6 +422,7 @@ in
         pkgs.coreutils
         pkgs.findutils
         pkgs.mtools
+        pkgs.util-linux # blkid, for find-config-partition
       ];
       serviceConfig = {
         Type = "oneshot";

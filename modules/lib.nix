@@ -6,9 +6,11 @@ rec {
   credentialsDir = "/run/credentials/${unitName}";
 
   # Where the node looks for a flashed image's config (DESIGN.md section 2): the BEEMESH FAT
-  # partition, copied to this directory at boot (runtime/cli/src/daemon.rs).
+  # partition, copied to this directory at boot (runtime/cli/src/daemon.rs). Root's, readable
+  # by the node's group: not beneath /run/beemesh (the API socket's directory, which the node
+  # writes), so the node cannot change its own configuration.
   configPartitionLabel = "BEEMESH";
-  configPartitionCopy = "/run/beemesh/config";
+  configPartitionCopy = "/run/beemesh-config";
 
   # The daemon's own default for [mesh] listen (runtime/manifest/src/host.rs).
   defaultListen = [

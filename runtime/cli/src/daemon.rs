@@ -1,6 +1,7 @@
 //! `beemesh node`: runs the daemon.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use beemesh_manifest::HostConfig;
@@ -9,12 +10,14 @@ use beemesh_sandbox::SandboxPolicy;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-/// Where a flashed image's boot unit copies the `BEEMESH` config partition's files.
-pub const CONFIG_PARTITION_COPY: &str = "/run/beemesh/config/host.toml";
+/// Where a flashed image's boot unit copies the `BEEMESH` config partition's files: a
+/// root-owned directory the daemon may read (group) but not write, apart from the API
+/// socket's directory (`/run/beemesh`), which the daemon writes.
+pub const CONFIG_PARTITION_COPY: &str = "/run/beemesh-config/host.toml";
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The host config. Default: the config partition's copy (/run/beemesh/config/host.toml)
+    /// The host config. Default: the config partition's copy (/run/beemesh-config/host.toml)
     /// when it exists, else /etc/beemesh/host.toml.
     #[arg(long, value_name = "FILE", env = "BEEMESH_CONFIG")]
     config: Option<PathBuf>,
@@ -68,12 +71,25 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
             .read_exec
             .extend(beemesh_driver::process::default_read_exec_paths());
     }
+    // The process driver hides the node's API socket, data and config from its workloads in
+    // a mount namespace, which a Landlock-confined process can no longer make: before
+    // confine.
+    let driver: Option<Arc<dyn beemesh_driver::ContainerDriver>> =
+        if config.runtime.driver == beemesh_manifest::host::Driver::Process {
+            Some(Arc::new(beemesh_node::node::process_driver(
+                &config,
+                Some(&path),
+            )?))
+        } else {
+            None
+        };
     let status = beemesh_sandbox::confine(&policy)?;
     for gap in &status.not_enforced {
         tracing::warn!("sandbox: not enforced: {gap}");
     }
     let mut opts = NodeOptions::new(config, Some(path));
     opts.sandbox = serde_json::to_value(&status).context("sandbox status")?;
+    opts.driver = driver;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -88,7 +88,7 @@ pub struct ConfigureArgs {
     #[arg(long, value_name = "FILE")]
     bootstrap: Option<PathBuf>,
 
-    /// The bearer token of the TCP API ([api] token_file = "/run/beemesh/config/token").
+    /// The bearer token of the TCP API ([api] token_file = "/run/beemesh-config/token").
     #[arg(long, value_name = "FILE")]
     token: Option<PathBuf>,
 

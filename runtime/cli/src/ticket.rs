@@ -140,16 +140,15 @@ pub fn issue(a: &IssueArgs, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fleet ticket admits whoever holds it: created 0600, atomically, never over another file.
 fn write_new(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
+    match beemesh_manifest::input::write_new_atomically(path, bytes, 0o600) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            anyhow::bail!(
+                "{} already exists; refusing to overwrite it",
+                path.display()
+            )
+        }
+        r => r.with_context(|| format!("cannot create {}", path.display())),
+    }
 }

@@ -1003,7 +1003,9 @@ fn start_node(
 ) -> (NodeProcess, PathBuf) {
     let root = dir.join(name);
     fs::create_dir_all(&root).expect("node dir");
-    let sock = root.join("api.sock");
+    // The API socket in a directory of its own: the daemon may write there, and must not be
+    // able to write its config (the sandbox refuses a config beneath a writable directory).
+    let sock = root.join("run/api.sock");
     let host = root.join("host.toml");
     fs::write(
         &host,
@@ -1206,4 +1208,158 @@ fn apply_wait_logs_and_delete_wait_against_a_running_node() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("was deleted"));
+}
+
+/// Polls `beemesh logs NS/NAME` of the node at `sock` until a line contains `needle`;
+/// returns the whole output.
+fn wait_for_logs(sock: &Path, workload: &str, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = beemesh()
+            .arg("--api")
+            .arg(sock)
+            .args(["logs", workload])
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains(needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logs of {workload} never showed {needle:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_process_driver_workload_cannot_reach_the_node_api_of_a_confined_daemon() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    // Two nodes (a lone node places nothing it has no record of), both confined.
+    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "required");
+    let status = status_of(&sock);
+    assert_ne!(status["sandbox"]["landlock"]["enforcement"], "not-enforced");
+    let boot = format!(
+        "{}/p2p/{}",
+        status["listen"][0].as_str().expect("a listen address"),
+        status["peer_id"].as_str().expect("a peer id")
+    );
+    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "required");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two nodes never saw each other"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // A replica that tries its own node's API socket (<node dir>/run/api.sock; HOME is
+    // <node dir>/data/process/<replica>/data) with the program a user would use.
+    let manifest = dir.path().join("prober.toml");
+    fs::write(
+        &manifest,
+        format!(
+            "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"prober\"\ngeneration = 1\n\
+             [[container]]\nname = \"main\"\nimage = \"none\"\n\
+             command = [\"/bin/sh\", \"-c\", '''{}''']\n\
+             resources = {{ cpu = \"10m\", memory = \"32Mi\" }}\n",
+            r#"SOCK="${HOME%/data/process/*}/run/api.sock"; echo "socket=$SOCK"; perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => $ARGV[0]); print $s ? "api=connected\n" : "api=failed: $!\n"' "$SOCK"; exec sleep 3600"#,
+        ),
+    )
+    .expect("manifest");
+    let signed = dir.path().join("prober.signed.toml");
+    sign(&manifest, &mesh.op, &signed);
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args(["apply", "--wait", "--timeout", "60s"])
+        .arg(&signed)
+        .assert()
+        .success();
+    let logs = wait_for_logs(&sock, "default/prober", "api=");
+    assert!(
+        logs.contains(&format!("socket={}", sock.display()))
+            || logs.contains(&format!("socket={}", sock_two.display())),
+        "the replica must have tried its node's socket: {logs}"
+    );
+    assert!(
+        logs.contains("main | api=failed: No such file or directory"),
+        "the workload must not find the API socket: {logs}"
+    );
+    // The same program outside the driver connects to either node's API.
+    for s in [&sock, &sock_two] {
+        let control = std::process::Command::new("perl")
+            .args([
+                "-MIO::Socket::UNIX",
+                "-e",
+                r#"$s = IO::Socket::UNIX->new(Peer => $ARGV[0]); print $s ? "api=connected\n" : "api=failed: $!\n""#,
+            ])
+            .arg(s)
+            .output()
+            .expect("perl runs");
+        assert_eq!(String::from_utf8_lossy(&control.stdout), "api=connected\n");
+    }
+    // Replicas outlive their node by design (a restarted node adopts them): remove it.
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args([
+            "delete",
+            "default/prober",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--key",
+        ])
+        .arg(&mesh.op)
+        .assert()
+        .success();
+}
+
+#[test]
+fn node_key_leftovers_do_not_stop_a_start_and_a_cut_short_key_is_refused_clearly() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    // What a power cut while the node key was being written leaves: temporary files, no
+    // node.key.
+    let data = dir.path().join("one/data");
+    fs::create_dir_all(&data).expect("data dir");
+    fs::write(data.join(".node.key.tmp.0123456789abcdef"), "").expect("empty leftover");
+    fs::write(
+        data.join(".node.key.tmp.fedcba9876543210"),
+        "-----BEGIN PRIVATE KEY-----\nMC4C",
+    )
+    .expect("partial leftover");
+    {
+        let (_node, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
+        assert!(status_of(&sock)["peer_id"].is_string());
+    }
+    let key = data.join("node.key");
+    assert!(
+        fs::read_to_string(&key)
+            .expect("node.key")
+            .contains("-----END PRIVATE KEY-----")
+    );
+
+    // A node.key cut short (by an older version, another tool or a damaged disk) is not
+    // replaced by a new identity behind the operator's back: the node refuses, naming the
+    // file and what to do.
+    fs::write(&key, "").expect("truncate");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("beemesh"))
+        .args(["node", "--config"])
+        .arg(dir.path().join("one/host.toml"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&key.display().to_string())
+            && stderr.contains("empty or cut short")
+            && stderr.contains("remove the file"),
+        "{stderr}"
+    );
 }

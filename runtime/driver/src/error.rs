@@ -43,6 +43,9 @@ pub enum DriverError {
     #[error("cannot confine replica {replica}: {reason}")]
     Confinement { replica: String, reason: String },
 
+    #[error("process driver: {0}")]
+    Isolation(#[from] crate::process::isolation::IsolationError),
+
     #[error("state file {} is unreadable: {reason}", path.display())]
     CorruptState { path: PathBuf, reason: String },
 

@@ -291,3 +291,254 @@ async fn a_command_that_cannot_start_is_a_failed_status() {
         "nothing is left behind"
     );
 }
+
+/// Connects to a unix socket and says how it went: `connected`, or `failed: <reason>`.
+/// perl-base (Essential on Debian) carries IO::Socket::UNIX, so no extra package is needed.
+const CONNECT: &str = "perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => $ARGV[0]); print $s ? \"connected\\n\" : \"failed: $!\\n\"'";
+
+/// A stand-in for the node's API: a unix socket in a directory of its own, counting the
+/// connections it accepts.
+struct FakeApi {
+    socket: std::path::PathBuf,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeApi {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("api dir");
+        let socket = dir.join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if conn.is_ok() {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        FakeApi { socket, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// What a workload tries against the node: the API socket directly and through
+/// `/proc/<daemon pid>/root`, the socket's directory, the config file, its own directory.
+fn probe_script() -> String {
+    format!(
+        "echo \"api=$({CONNECT} \"$SOCK\")\"; \
+         echo \"proc-root=$({CONNECT} \"/proc/$DAEMON/root$SOCK\")\"; \
+         if [ -e \"$SOCK\" ]; then echo socket=visible; else echo socket=absent; fi; \
+         echo \"run-dir=$(ls -A \"$RUN\" 2>&1 | tr '\\n' ' ')\"; \
+         echo \"config=$(cat \"$CONFIG\" 2>&1)\"; \
+         if echo y > \"$HOME/inside\"; then echo home=written; fi; \
+         if echo x > \"$OUTSIDE/escape\" 2>/dev/null; then echo outside=written; else echo outside=denied; fi; \
+         grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status | tr -d '\t' | sed 's/^/status-/'; \
+         exec sleep 300"
+    )
+}
+
+/// A node-like layout: the API socket's directory, data_dir holding the driver's root, a
+/// config file; the driver hides all three.
+struct NodeLayout {
+    _tmp: tempfile::TempDir,
+    run: std::path::PathBuf,
+    data: std::path::PathBuf,
+    config: std::path::PathBuf,
+    /// Writable by the test's user, not hidden: only Landlock keeps the workload out.
+    outside: std::path::PathBuf,
+}
+
+impl NodeLayout {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().canonicalize().expect("canonical");
+        let (run, data, etc) = (root.join("run"), root.join("data"), root.join("etc"));
+        std::fs::create_dir_all(&etc).expect("etc");
+        std::fs::create_dir_all(data.join("process")).expect("data");
+        let config = etc.join("host.toml");
+        std::fs::write(&config, "secret-config\n").expect("config");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&outside).expect("outside");
+        NodeLayout {
+            _tmp: tmp,
+            run,
+            data,
+            config,
+            outside,
+        }
+    }
+
+    fn driver(&self, landlock: LandlockMode) -> ProcessDriver {
+        let mut config = ProcessConfig::new(self.data.join("process"));
+        config.landlock = landlock;
+        config.stop_timeout = Duration::from_secs(2);
+        config.hide = vec![self.run.clone(), self.data.clone(), self.config.clone()];
+        ProcessDriver::new(config).expect("process driver with hidden paths")
+    }
+
+    fn env(&self, api: &FakeApi) -> String {
+        format!(
+            "env = {{ SOCK = \"{}\", DAEMON = \"{}\", RUN = \"{}\", CONFIG = \"{}\", OUTSIDE = \"{}\" }}",
+            api.socket.display(),
+            std::process::id(),
+            self.run.display(),
+            self.config.display(),
+            self.outside.display()
+        )
+    }
+}
+
+/// The same connect, from a process outside the driver: the socket works.
+fn control_connect(socket: &Path) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{CONNECT} \"$0\""))
+        .arg(socket)
+        .output()
+        .expect("run the control process");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_cannot_reach_the_node_api_socket_while_a_process_outside_can() {
+    let layout = NodeLayout::new();
+    let api = FakeApi::start(&layout.run);
+    let d = layout.driver(LandlockMode::Required);
+    let s = spec(
+        shell("api", &probe_script(), &layout.env(&api)),
+        "sha256:api-1",
+    );
+
+    let status = d.ensure(&s).await.expect("ensure");
+    assert_eq!(status.state, ReplicaState::Running, "{status:?}");
+    let line = |prefix: &'static str| {
+        let d = &d;
+        let id = s.id.clone();
+        async move { wait_for_log(d, &id, prefix, WAIT).await }
+    };
+    // The socket is not there to connect to (Landlock before ABI 9 would let it connect).
+    let direct = line("api=").await;
+    assert!(
+        direct.starts_with("api=failed: No such file or directory"),
+        "{direct}"
+    );
+    assert_eq!(line("socket=").await, "socket=absent");
+    // Nor through the daemon's (here: the test's) view of the file system.
+    let via_proc = line("proc-root=").await;
+    assert!(
+        via_proc.starts_with("proc-root=failed: Permission denied"),
+        "{via_proc}"
+    );
+    // Landlock denies listing what is left in sight.
+    let run_dir = line("run-dir=").await;
+    assert!(
+        run_dir.trim_end() == "run-dir=" || run_dir.contains("Permission denied"),
+        "{run_dir}"
+    );
+    let config = line("config=").await;
+    assert!(!config.contains("secret-config"), "{config}");
+    // The replica's own directory, beneath the hidden data_dir, is still its own; the rest
+    // of the confinement is intact: Landlock, no capabilities (the bounding set emptied, as
+    // joining the user namespace granted every capability there), no_new_privs.
+    assert_eq!(line("home=").await, "home=written");
+    assert_eq!(line("outside=").await, "outside=denied");
+    assert_eq!(
+        line("status-CapEff:").await,
+        "status-CapEff:0000000000000000"
+    );
+    assert_eq!(
+        line("status-CapBnd:").await,
+        "status-CapBnd:0000000000000000"
+    );
+    assert_eq!(line("status-NoNewPrivs:").await, "status-NoNewPrivs:1");
+    assert!(!layout.outside.join("escape").exists());
+    assert!(
+        layout
+            .data
+            .join("process")
+            .join(s.id.object_name())
+            .join("data/inside")
+            .exists()
+    );
+
+    // The same program, outside the driver, connects: the socket works, the workload is
+    // what is kept out.
+    let before = api.accepted();
+    assert_eq!(control_connect(&api.socket), "connected");
+    wait_for("the control connection to be accepted", WAIT, async || {
+        (api.accepted() == before + 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        before, 0,
+        "only the control process may have connected to the API socket"
+    );
+
+    let report = d.report().await;
+    let control = report.control("node-api").expect("node-api control");
+    assert_eq!(control.enforcement, Enforcement::Enforced, "{control:?}");
+    assert!(
+        control.detail.contains(&layout.run.display().to_string()),
+        "{control:?}"
+    );
+    d.stop(&s.id).await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_landlock_the_namespace_alone_keeps_the_socket_and_config_out() {
+    let layout = NodeLayout::new();
+    let api = FakeApi::start(&layout.run);
+    let d = layout.driver(LandlockMode::Off);
+    let s = spec(
+        shell("api-off", &probe_script(), &layout.env(&api)),
+        "sha256:api-off-1",
+    );
+    let status = d.ensure(&s).await.expect("ensure");
+    assert_eq!(status.state, ReplicaState::Running, "{status:?}");
+    // Without Landlock nothing else stands in the way: what keeps the workload out is the
+    // namespace alone. The socket's directory is an empty tmpfs, the config /dev/null that
+    // cannot be opened (nodev).
+    let direct = wait_for_log(&d, &s.id, "api=", WAIT).await;
+    assert!(
+        direct.starts_with("api=failed: No such file or directory"),
+        "{direct}"
+    );
+    assert_eq!(
+        wait_for_log(&d, &s.id, "socket=", WAIT).await,
+        "socket=absent"
+    );
+    assert_eq!(
+        wait_for_log(&d, &s.id, "run-dir=", WAIT).await.trim_end(),
+        "run-dir="
+    );
+    let config = wait_for_log(&d, &s.id, "config=", WAIT).await;
+    assert!(
+        !config.contains("secret-config") && config.contains("Permission denied"),
+        "{config}"
+    );
+    assert_eq!(wait_for_log(&d, &s.id, "home=", WAIT).await, "home=written");
+    // The way around through the daemon's (here: the test's) /proc/PID/root is closed by
+    // the user namespace: no ptrace access to processes outside it.
+    let via_proc = wait_for_log(&d, &s.id, "proc-root=", WAIT).await;
+    assert!(
+        via_proc.starts_with("proc-root=failed: Permission denied"),
+        "{via_proc}"
+    );
+    assert_eq!(api.accepted(), 0, "the workload reached the API socket");
+    let report = d.report().await;
+    let control = report.control("node-api").expect("node-api control");
+    assert_eq!(control.enforcement, Enforcement::Enforced, "{control:?}");
+    assert!(
+        !status
+            .not_enforced
+            .iter()
+            .any(|n| n.starts_with("node API")),
+        "{:?}",
+        status.not_enforced
+    );
+    d.stop(&s.id).await.expect("stop");
+}

@@ -5,10 +5,10 @@
 //!
 //! | file | from | read at boot by |
 //! |---|---|---|
-//! | `host.toml` | `--host` (plus `--bootstrap` peers merged into `[mesh] bootstrap`) | `beemesh node` (/run/beemesh/config/host.toml) |
+//! | `host.toml` | `--host` (plus `--bootstrap` peers merged into `[mesh] bootstrap`) | `beemesh node` (/run/beemesh-config/host.toml) |
 //! | `ticket` | `--ticket` | the node: the default ticket path is `ticket` beside host.toml |
 //! | `ticket.key` | `--ticket-key`, else the ticket's path plus `.key` (fleet tickets only) | the node: the default ticket key path is the ticket's plus `.key` |
-//! | `token` | `--token` | the node, when `[api] token_file` names /run/beemesh/config/token |
+//! | `token` | `--token` | the node, when `[api] token_file` names /run/beemesh-config/token |
 //! | `network/*.network` | `--network` | systemd-networkd (copied to /run/systemd/network) |
 //! | `images/*.tar` | `--image` | beemesh-images.service: `podman load` as the beemesh user (air-gapped hosts) |
 //! | `README.txt` | this builder | people who open the partition |
@@ -23,11 +23,12 @@ use crate::tools::{self, CONFIGURE_TOOLS, ToolError};
 
 /// The GPT partition name (and FAT label) of the config partition.
 pub const CONFIG_LABEL: &str = beemesh_manifest::host::CONFIG_PARTITION_LABEL;
-/// Where the image's boot unit copies the partition's files.
-pub const CONFIG_COPY_DIR: &str = "/run/beemesh/config";
+/// Where the image's boot unit copies the partition's files: owned by root, readable by the
+/// node's group, not writable by the node (runtime/cli/src/daemon.rs reads it from there).
+pub const CONFIG_COPY_DIR: &str = "/run/beemesh-config";
 
 pub const README: &str = "This is a BeeMesh host's config partition (label BEEMESH).\r\n\
-At boot its files are copied to /run/beemesh/config/ before the node starts:\r\n\
+At boot its files are copied to /run/beemesh-config/ before the node starts:\r\n\
   host.toml           the host config (beemesh config check host.toml)\r\n\
   ticket              the admission ticket (beemesh ticket issue)\r\n\
   ticket.key          a fleet ticket's secret key (keep it secret; peer tickets have none)\r\n\

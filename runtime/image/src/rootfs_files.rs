@@ -25,6 +25,11 @@ pub const FILES: &[(&str, &[u8], u32)] = &[
         0o755,
     ),
     (
+        "/usr/lib/beemesh/find-config-partition",
+        include_bytes!("../rootfs/usr/lib/beemesh/find-config-partition"),
+        0o755,
+    ),
+    (
         "/usr/lib/beemesh/load-images",
         include_bytes!("../rootfs/usr/lib/beemesh/load-images"),
         0o755,

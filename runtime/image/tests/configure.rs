@@ -114,7 +114,7 @@ fn configure_writes_exactly_the_hosts_files() {
     let img = disk(d.path());
     let h = host(
         d.path(),
-        "[api]\nlisten = \"0.0.0.0:7420\"\ntoken_file = \"/run/beemesh/config/token\"\n",
+        "[api]\nlisten = \"0.0.0.0:7420\"\ntoken_file = \"/run/beemesh-config/token\"\n",
     );
     let (ticket, ticket_text, key_pem) = fleet_ticket(d.path(), "fleet.ticket");
     let opts = ConfigureOptions {
@@ -206,7 +206,7 @@ fn configure_refuses_an_invalid_host_config_and_a_missing_token() {
 
     let needs_token = host(
         d.path(),
-        "[api]\nlisten = \"0.0.0.0:7420\"\ntoken_file = \"/run/beemesh/config/token\"\n",
+        "[api]\nlisten = \"0.0.0.0:7420\"\ntoken_file = \"/run/beemesh-config/token\"\n",
     );
     let e = configure(
         &img,

@@ -2,7 +2,6 @@
 //! PKCS#8 PEM files (readable by `openssl pkey`) with mode 0600.
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -20,6 +19,13 @@ pub enum KeyError {
     BadPublicKey(String),
     #[error("{}: not an Ed25519 secret key in PKCS#8 PEM form ({reason})", path.display())]
     BadSecretKey { path: PathBuf, reason: String },
+    #[error(
+        "{}: the key file is empty or cut short ({len} bytes), as a write interrupted by a crash or power loss leaves it; \
+         it is not used. Restore the key from a backup, or remove the file to make a new key \
+         (for a node key: a new node identity, whose per-node tickets must be issued again)",
+        path.display()
+    )]
+    Truncated { path: PathBuf, len: usize },
     #[error("{}: already exists; refusing to overwrite a key", path.display())]
     Exists { path: PathBuf },
     #[error("{}: {cause}", path.display())]
@@ -128,7 +134,16 @@ impl SecretKey {
     }
 
     pub fn from_pem(path: &Path, pem: &str) -> Result<Self, KeyError> {
-        SigningKey::from_pkcs8_pem(pem.trim())
+        let text = pem.trim();
+        // What a write cut short by a crash leaves (BeeMesh's own writes are atomic since
+        // `save_new` links a complete file into place; older versions and other tools were not).
+        if text.is_empty() || (text.starts_with("-----BEGIN") && !text.contains("-----END")) {
+            return Err(KeyError::Truncated {
+                path: path.to_owned(),
+                len: pem.len(),
+            });
+        }
+        SigningKey::from_pkcs8_pem(text)
             .map(Self)
             .map_err(|e| KeyError::BadSecretKey {
                 path: path.to_owned(),
@@ -143,30 +158,22 @@ impl SecretKey {
     }
 
     /// Writes the key to a new file with mode 0600; refuses to overwrite an existing file.
+    /// The write is atomic and durable ([`crate::input::write_new_atomically`]): after a
+    /// crash or power loss the file is either absent or complete, never empty or cut short.
     pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let pem = self.to_pem()?;
-        let io = |cause| KeyError::Io {
-            path: path.to_owned(),
-            cause,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    KeyError::Exists {
-                        path: path.to_owned(),
-                    }
-                } else {
-                    io(e)
+        crate::input::write_new_atomically(path, pem.as_bytes(), 0o600).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyError::Exists {
+                    path: path.to_owned(),
                 }
-            })?;
-        f.write_all(pem.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        Ok(())
+            } else {
+                KeyError::Io {
+                    path: path.to_owned(),
+                    cause: e,
+                }
+            }
+        })
     }
 }
 
@@ -250,6 +257,23 @@ mod tests {
             public_key_from_arg(path.to_str().expect("utf8")).expect("pub"),
             k.public()
         );
+    }
+
+    #[test]
+    fn empty_or_cut_short_key_file_is_refused_with_what_to_do() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = SecretKey::from_seed([3; 32]).to_pem().expect("pem");
+        for (name, text) in [("empty.key", ""), ("cut.key", &pem[..40])] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let err = SecretKey::load(&path).expect_err("truncated");
+            let msg = err.to_string();
+            assert!(matches!(err, KeyError::Truncated { .. }), "{msg}");
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("remove the file"), "{msg}");
+        }
     }
 
     #[test]

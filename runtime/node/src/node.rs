@@ -244,7 +244,7 @@ fn reject_reason(e: &SubmitError) -> &'static str {
 }
 
 /// Everything `beemesh node` needs, resolved from the host config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     pub config: HostConfig,
     /// Where the host config was read from (a relative ticket path is resolved against it).
@@ -255,6 +255,23 @@ pub struct NodeOptions {
     pub sandbox: serde_json::Value,
     /// Placement timers and limits.
     pub scheduler: SchedulerConfig,
+    /// A container driver made beforehand; `None` makes the one the host config names. The
+    /// daemon makes the process driver before it confines itself, because the workloads'
+    /// namespace that hides the node's files cannot be made by a Landlock-confined process
+    /// ([`process_config`]).
+    pub driver: Option<Arc<dyn ContainerDriver>>,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("config", &self.config)
+            .field("config_path", &self.config_path)
+            .field("sandbox", &self.sandbox)
+            .field("scheduler", &self.scheduler)
+            .field("driver", &self.driver.as_ref().map(|d| d.name()))
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeOptions {
@@ -265,6 +282,7 @@ impl NodeOptions {
             clock: OffsetDateTime::now_utc,
             sandbox: serde_json::json!({ "enforced": false, "reason": "not confined" }),
             scheduler: SchedulerConfig::default(),
+            driver: None,
         }
     }
 }
@@ -459,7 +477,10 @@ pub async fn start(
     let (mesh, events) = beemesh_mesh::spawn(mesh_cfg, shutdown.clone()).await?;
     mesh.subscribe(MANIFEST_TOPIC).await?;
 
-    let driver = make_driver(cfg).await?;
+    let driver = match &opts.driver {
+        Some(d) => d.clone(),
+        None => make_driver(cfg, opts.config_path.as_deref()).await?,
+    };
     let store = Arc::new(Mutex::new(store));
     let lookup_store = store.clone();
     let lookup: Arc<placement::Lookup> =
@@ -829,8 +850,65 @@ pub async fn sync_with(shared: Arc<Shared>, peer: PeerId) {
     shared.metrics.syncs.inc();
 }
 
+/// The process driver's settings for this node: its root under data_dir, the Landlock mode,
+/// and what its workloads must not see: the API socket's directory, data_dir (the driver's
+/// own root beneath it stays reachable), the host config, the ticket and the token file,
+/// and the daemon user's runtime directory (`$XDG_RUNTIME_DIR`: its Podman API socket and
+/// its systemd user manager's bus, either of which would run commands outside the sandbox).
+pub fn process_config(
+    cfg: &HostConfig,
+    config_path: Option<&Path>,
+) -> beemesh_driver::ProcessConfig {
+    let mut pc = beemesh_driver::ProcessConfig::new(cfg.node.data_dir.join("process"));
+    pc.landlock = cfg.sandbox.landlock;
+    pc.hide.extend(
+        cfg.api
+            .socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf),
+    );
+    pc.hide.push(cfg.node.data_dir.clone());
+    pc.hide.extend(config_path.map(Path::to_path_buf));
+    pc.hide.push(ticket_path(cfg, config_path));
+    pc.hide.extend(cfg.api.token_file.iter().cloned());
+    pc.hide.extend(
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute()),
+    );
+    pc.hide.extend(
+        cfg.runtime
+            .podman_socket
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|p| p.is_absolute())
+            .map(Path::to_path_buf),
+    );
+    // `--config host.toml` and a ticket beside it are relative to the working directory.
+    for p in &mut pc.hide {
+        if let Ok(abs) = std::path::absolute(&*p) {
+            *p = abs;
+        }
+    }
+    pc
+}
+
+/// The process driver for this node ([`process_config`]). It makes the workloads'
+/// namespace, so a daemon that confines itself must call this first.
+pub fn process_driver(
+    cfg: &HostConfig,
+    config_path: Option<&Path>,
+) -> Result<beemesh_driver::ProcessDriver, NodeError> {
+    beemesh_driver::ProcessDriver::new(process_config(cfg, config_path))
+        .map_err(|e| NodeError::Config(format!("runtime.driver = \"process\": {e}")))
+}
+
 /// The container driver the host config asks for.
-async fn make_driver(cfg: &HostConfig) -> Result<Arc<dyn ContainerDriver>, NodeError> {
+async fn make_driver(
+    cfg: &HostConfig,
+    config_path: Option<&Path>,
+) -> Result<Arc<dyn ContainerDriver>, NodeError> {
     match cfg.runtime.driver {
         Driver::Podman => {
             let pc = beemesh_driver::PodmanConfig::from_host(&cfg.runtime);
@@ -844,12 +922,41 @@ async fn make_driver(cfg: &HostConfig) -> Result<Arc<dyn ContainerDriver>, NodeE
             })?;
             Ok(Arc::new(d))
         }
-        Driver::Process => {
-            let mut pc = beemesh_driver::ProcessConfig::new(cfg.node.data_dir.join("process"));
-            pc.landlock = cfg.sandbox.landlock;
-            let d = beemesh_driver::ProcessDriver::new(pc)
-                .map_err(|e| NodeError::Config(format!("process driver: {e}")))?;
-            Ok(Arc::new(d))
+        Driver::Process => Ok(Arc::new(process_driver(cfg, config_path)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_driver_hides_the_nodes_socket_dir_data_config_ticket_and_token() {
+        let cfg = HostConfig::from_toml(
+            "host.toml",
+            "[node]\ndata_dir = \"/var/lib/beemesh\"\n\
+             [trust]\ndomain = \"example.org\"\nsigners = [\"ed25519:Wl7TJmUNtlOsCpkmT0DMSB2e41W/NmcBK7c1uRjE+BU=\"]\n\
+             [api]\nsocket = \"/run/beemesh/api.sock\"\nlisten = \"127.0.0.1:7420\"\ntoken_file = \"/run/beemesh-config/token\"\n",
+        )
+        .expect("valid host config");
+        // A relative --config (and the ticket beside it) is made absolute.
+        let pc = process_config(&cfg, Some(Path::new("conf/host.toml")));
+        let cwd = std::env::current_dir().expect("cwd");
+        for want in [
+            PathBuf::from("/run/beemesh"),
+            PathBuf::from("/var/lib/beemesh"),
+            cwd.join("conf/host.toml"),
+            cwd.join("conf/ticket"),
+            PathBuf::from("/run/beemesh-config/token"),
+        ] {
+            assert!(
+                pc.hide.contains(&want),
+                "{} not in {:?}",
+                want.display(),
+                pc.hide
+            );
         }
+        assert!(pc.hide.iter().all(|p| p.is_absolute()), "{:?}", pc.hide);
+        assert_eq!(pc.root, PathBuf::from("/var/lib/beemesh/process"));
     }
 }

@@ -61,6 +61,18 @@ pub enum SandboxError {
     #[error("{role} path {} does not exist; create it before confining the daemon", path.display())]
     MissingPath { role: &'static str, path: PathBuf },
 
+    #[error(
+        "{} is to be read-only for the daemon (its configuration, ticket or token) but lies beneath {}, \
+         which the daemon may write: a compromised daemon could change it for its next start. \
+         Keep the configuration outside the data directory and the API socket's directory \
+         (give the API socket a directory of its own, e.g. /run/beemesh/api.sock)",
+        read_only.display(), writable.display()
+    )]
+    ReadOnlyBeneathWritable {
+        read_only: PathBuf,
+        writable: PathBuf,
+    },
+
     #[error("building the Landlock ruleset ({step}): {message}")]
     Landlock { step: &'static str, message: String },
 
@@ -126,8 +138,35 @@ pub fn default_system_read_only() -> Vec<PathBuf> {
 }
 
 impl SandboxPolicy {
+    /// Refuses a policy under which a read-only path (the daemon's configuration, ticket,
+    /// token) lies beneath a read-write one: Landlock rules only add access, so it would be
+    /// writable. Paths are compared after resolving symlinks; missing paths are skipped.
+    /// [`confine`] calls this before applying anything.
+    pub fn check(&self) -> Result<(), SandboxError> {
+        let resolve = |p: &PathBuf| std::fs::canonicalize(p).ok();
+        let writable: Vec<(PathBuf, PathBuf)> = self
+            .read_write
+            .iter()
+            .filter_map(|w| resolve(w).map(|r| (w.clone(), r)))
+            .filter(|(_, r)| r.is_dir())
+            .collect();
+        for ro in &self.read_only {
+            let Some(resolved) = resolve(ro) else {
+                continue;
+            };
+            if let Some((w, _)) = writable.iter().find(|(_, r)| resolved.starts_with(r)) {
+                return Err(SandboxError::ReadOnlyBeneathWritable {
+                    read_only: ro.clone(),
+                    writable: w.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The daemon's policy from its host config: read its config files, read-write its data
-    /// directory and its API socket's directory, connect to the Podman socket.
+    /// directory and its API socket's directory, connect to the Podman socket. The config
+    /// files must not lie beneath either writable directory ([`SandboxPolicy::check`]).
     pub fn for_daemon(
         host: &HostConfig,
         config_files: &[PathBuf],
@@ -356,6 +395,7 @@ pub fn confine(policy: &SandboxPolicy) -> Result<SandboxStatus, SandboxError> {
             });
         }
     }
+    policy.check()?;
     let mut not_enforced = Vec::new();
 
     // 1. Landlock: decide and build the ruleset while every path can still be opened.
@@ -523,6 +563,42 @@ landlock = "best-effort"
         );
         assert!(p.required.contains(&PathBuf::from("/var/lib/beemesh")));
         assert!(p.keep_capabilities.is_empty());
+    }
+
+    #[test]
+    fn read_only_paths_beneath_writable_ones_are_refused_also_through_symlinks() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (run, etc) = (tmp.path().join("run"), tmp.path().join("etc"));
+        std::fs::create_dir_all(run.join("config")).expect("mkdir");
+        std::fs::create_dir_all(&etc).expect("mkdir");
+        std::fs::write(run.join("config/host.toml"), "").expect("write");
+        std::fs::write(etc.join("host.toml"), "").expect("write");
+        std::os::unix::fs::symlink(run.join("config/host.toml"), etc.join("link.toml"))
+            .expect("symlink");
+        let policy = |ro: PathBuf| SandboxPolicy {
+            landlock: LandlockMode::Required,
+            read_only: vec![PathBuf::from("/proc"), ro],
+            read_exec: Vec::new(),
+            read_write: vec![run.clone(), PathBuf::from("/dev/null")],
+            sockets: Vec::new(),
+            required: Vec::new(),
+            keep_capabilities: Vec::new(),
+        };
+        policy(etc.join("host.toml"))
+            .check()
+            .expect("beside, not beneath");
+        for ro in [run.join("config/host.toml"), etc.join("link.toml")] {
+            match policy(ro.clone()).check() {
+                Err(SandboxError::ReadOnlyBeneathWritable {
+                    read_only,
+                    writable,
+                }) => {
+                    assert_eq!(read_only, ro);
+                    assert_eq!(writable, run);
+                }
+                other => panic!("{}: expected a refusal, got {other:?}", ro.display()),
+            }
+        }
     }
 
     #[test]

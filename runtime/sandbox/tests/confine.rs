@@ -38,6 +38,32 @@ impl Layout {
     fn forbidden(&self) -> PathBuf {
         self.root.join("outside/secret.txt")
     }
+    /// The layout of a flashed image: the config partition's copy in a directory of its own
+    /// (`/run/beemesh-config`), the API socket in another (`/run/beemesh`).
+    fn node_config_dir(&self) -> PathBuf {
+        self.root.join("beemesh-config")
+    }
+    fn node_config(&self) -> PathBuf {
+        self.node_config_dir().join("host.toml")
+    }
+    fn node_ticket(&self) -> PathBuf {
+        self.node_config_dir().join("ticket")
+    }
+    /// A host config for the daemon's own policy builder; `socket` is the API socket.
+    fn write_node_config(&self, socket: &Path) {
+        std::fs::write(
+            self.node_config(),
+            format!(
+                "[node]\ndata_dir = {:?}\n\
+                 [trust]\ndomain = \"example.org\"\nsigners = [\"{SIGNER}\"]\n\
+                 [api]\nsocket = {:?}\n\
+                 [sandbox]\nlandlock = \"required\"\n",
+                self.data().display().to_string(),
+                socket.display().to_string(),
+            ),
+        )
+        .expect("write the node config");
+    }
 
     fn create(root: &Path) -> Self {
         let l = Layout {
@@ -49,11 +75,14 @@ impl Layout {
             l.root.join("etc"),
             l.root.join("podman"),
             l.root.join("outside"),
+            l.node_config_dir(),
         ] {
             std::fs::create_dir_all(d).expect("create test dirs");
         }
         std::fs::write(l.config(), "[trust]\ndomain = \"example.org\"\n").expect("write config");
         std::fs::write(l.forbidden(), "not for the daemon\n").expect("write secret");
+        std::fs::write(l.node_ticket(), "ticket\n").expect("write ticket");
+        l.write_node_config(&l.api_dir().join("api.sock"));
         l
     }
 
@@ -70,6 +99,9 @@ impl Layout {
         }
     }
 }
+
+/// A valid operator key for the host configs of these tests.
+const SIGNER: &str = "ed25519:Wl7TJmUNtlOsCpkmT0DMSB2e41W/NmcBK7c1uRjE+BU=";
 
 type CaseResult = Result<(), String>;
 
@@ -174,6 +206,123 @@ fn libc_eacces() -> i32 {
     13
 }
 
+/// Expects `result` to be an EACCES denial; `what` names the attempt.
+fn denied<T: std::fmt::Debug>(what: &str, result: std::io::Result<T>) -> CaseResult {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc_eacces()) => {
+            println!("{what}: denied ({e})");
+            Ok(())
+        }
+        other => Err(format!("{what} should fail with EACCES, got {other:?}")),
+    }
+}
+
+/// The daemon's policy as the node builds it: `SandboxPolicy::for_daemon` over the host
+/// config it loaded, plus the ticket beside it (runtime/cli/src/daemon.rs).
+fn node_policy(l: &Layout) -> Result<SandboxPolicy, String> {
+    let host = beemesh_manifest::HostConfig::load(&l.node_config())
+        .map_err(|e| format!("loading the node config: {e:?}"))?;
+    let mut policy = SandboxPolicy::for_daemon(&host, &[l.node_config()], None);
+    policy.read_only.push(l.node_ticket());
+    Ok(policy)
+}
+
+/// Child: the node's own policy, confined. Its configuration (and the directory holding it)
+/// cannot be changed, while the API socket's directory and data_dir stay writable.
+fn case_node_config_read_only(l: &Layout) -> CaseResult {
+    let policy = node_policy(l)?;
+    // Before confinement the config is writable (the test owns it): the denials below are
+    // Landlock's.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(l.node_config())
+        .map_err(|e| format!("pre-check: the config is not writable before confinement: {e}"))?;
+    let status = confine(&policy).map_err(|e| format!("confine: {e}"))?;
+    check(
+        status.landlock.enforcement != Enforcement::NotEnforced,
+        || format!("landlock not enforced: {:?}", status.landlock),
+    )?;
+    let before =
+        std::fs::read_to_string(l.node_config()).map_err(|e| format!("reading the config: {e}"))?;
+    std::fs::read_to_string(l.node_ticket()).map_err(|e| format!("reading the ticket: {e}"))?;
+
+    denied(
+        "writing host.toml",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(l.node_config()),
+    )?;
+    denied(
+        "truncating host.toml",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(l.node_config()),
+    )?;
+    denied(
+        "writing the ticket",
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(l.node_ticket()),
+    )?;
+    denied(
+        "planting a file in the config directory",
+        std::fs::write(l.node_config_dir().join("signers.toml"), "x"),
+    )?;
+    denied(
+        "replacing host.toml by rename",
+        std::fs::rename(l.node_config(), l.node_config_dir().join("old.toml")),
+    )?;
+    denied("removing host.toml", std::fs::remove_file(l.node_config()))?;
+    denied(
+        "moving a planted config over host.toml from the data directory",
+        std::fs::write(l.data().join("evil.toml"), "x")
+            .and_then(|()| std::fs::rename(l.data().join("evil.toml"), l.node_config())),
+    )?;
+    denied(
+        "replacing the config directory",
+        std::fs::rename(l.node_config_dir(), l.root.join("moved")),
+    )?;
+    let after = std::fs::read_to_string(l.node_config())
+        .map_err(|e| format!("reading the config again: {e}"))?;
+    check(before == after, || "the config changed".into())?;
+
+    // What the daemon writes still works.
+    std::fs::write(l.data().join("state.json"), "{}")
+        .map_err(|e| format!("writing the data dir: {e}"))?;
+    std::fs::create_dir(l.data().join("process"))
+        .map_err(|e| format!("creating a directory in the data dir: {e}"))?;
+    let api = UnixListener::bind(l.api_dir().join("api.sock"))
+        .map_err(|e| format!("binding the API socket: {e}"))?;
+    drop(api);
+    std::fs::remove_file(l.api_dir().join("api.sock"))
+        .map_err(|e| format!("removing the old API socket: {e}"))?;
+    println!("node policy: config read-only, API socket directory and data_dir writable");
+    Ok(())
+}
+
+/// Child: a config beneath a directory the daemon may write (here the API socket's) is
+/// refused before anything is applied.
+fn case_node_config_beneath_a_writable_dir_is_refused(l: &Layout) -> CaseResult {
+    l.write_node_config(&l.node_config_dir().join("api.sock"));
+    let policy = node_policy(l)?;
+    match confine(&policy) {
+        Err(e @ SandboxError::ReadOnlyBeneathWritable { .. }) => {
+            let msg = e.to_string();
+            println!("refused: {msg}");
+            check(
+                msg.contains(&l.node_config().display().to_string())
+                    && msg.contains(&l.node_config_dir().display().to_string()),
+                || format!("the message must name both paths: {msg}"),
+            )?;
+            check(proc_status_field("NoNewPrivs:") == "0", || {
+                "no_new_privs was set by a refused confine".into()
+            })
+        }
+        other => Err(format!("expected a refusal, got {other:?}")),
+    }
+}
+
 /// Child: Landlock absent (simulated) and `required`: confine refuses, clearly.
 fn case_required_refuses(l: &Layout) -> CaseResult {
     match confine(&l.policy(LandlockMode::Required)) {
@@ -231,6 +380,16 @@ const CASES: &[Case] = &[
     (
         "confined_reads_outside_fail_with_eacces_and_allowed_socket_works",
         case_confined,
+        false,
+    ),
+    (
+        "node_policy_keeps_the_config_read_only_and_the_socket_and_data_dirs_writable",
+        case_node_config_read_only,
+        false,
+    ),
+    (
+        "node_config_beneath_a_writable_directory_is_refused",
+        case_node_config_beneath_a_writable_dir_is_refused,
         false,
     ),
     (

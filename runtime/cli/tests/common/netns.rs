@@ -626,7 +626,8 @@ impl HostToml {
             signers: vec![creds.operator.clone()],
             admission: creds.admission.clone(),
             ticket: creds.fleet_ticket.clone(),
-            api_socket: dir.join("api.sock"),
+            // A directory of its own: the daemon writes there, never beside its config.
+            api_socket: dir.join("run/api.sock"),
             labels: [("rig".to_owned(), "netns".to_owned())].into(),
             reserve: None,
         }

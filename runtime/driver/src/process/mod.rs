@@ -5,7 +5,13 @@
 //! - Landlock: read and execute on system paths, read-write on the replica's private
 //!   directory only, signals and abstract sockets scoped to its own domain (ABI 6);
 //! - no_new_privs, every capability cleared (and the bounding set emptied and securebits
-//!   locked when the daemon holds CAP_SETPCAP, e.g. when it runs as root);
+//!   locked when the daemon holds CAP_SETPCAP, e.g. when it runs as root, and always when
+//!   the node's files are hidden);
+//! - the node's files hidden ([`isolation`]): with [`ProcessConfig::hide`] set (the node
+//!   sets the API socket's directory, data_dir, the config, ticket and token), processes
+//!   run in a user and mount namespace of their own where those paths are covered, so a
+//!   workload cannot connect to the node's API socket (Landlock ABI < 9 does not mediate
+//!   that);
 //! - memory and CPU limits through a delegated cgroup v2 subtree if there is one, else the
 //!   memory limit as RLIMIT_DATA and no CPU limit;
 //! - its own process group (stopped as a group), stdin from /dev/null, stdout and stderr
@@ -19,6 +25,7 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod isolation;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,6 +74,12 @@ pub struct ProcessConfig {
     pub cgroup_parent: Option<PathBuf>,
     /// A log file larger than this is rotated (copied to `.1` and truncated) by `ensure`.
     pub max_log_bytes: u64,
+    /// Paths workloads must not see: the node's API socket directory, data_dir, its config,
+    /// ticket and token files. Not empty: [`ProcessDriver::new`] makes the workloads' user
+    /// and mount namespace with these covered, and fails if it cannot (it must then run
+    /// before the daemon confines itself with Landlock). Empty: no namespace, and the status
+    /// says the node's API is not hidden.
+    pub hide: Vec<PathBuf>,
 }
 
 impl ProcessConfig {
@@ -89,6 +102,7 @@ impl ProcessConfig {
             backoff: BackoffPolicy::default(),
             cgroup_parent: None,
             max_log_bytes: 16 << 20,
+            hide: Vec::new(),
         }
     }
 }
@@ -138,24 +152,42 @@ pub struct ProcessDriver {
     config: ProcessConfig,
     landlock_abi: Option<i32>,
     cgroup: Result<PathBuf, String>,
-    setpcap: bool,
+    /// The workloads' namespaces, when `config.hide` names paths.
+    namespace: Option<isolation::WorkloadNamespace>,
     tracker: Tracker,
     /// Exit codes of children this instance spawned, by pid (`None`: killed by a signal).
     exits: Arc<Mutex<HashMap<u32, Option<i32>>>>,
 }
 
 impl ProcessDriver {
-    /// Prepares the driver: creates the root directory and learns what the host enforces.
+    /// Prepares the driver: creates the root directory, learns what the host enforces and,
+    /// when `config.hide` names paths, makes the workloads' namespace (which a process
+    /// already confined by Landlock cannot: call this before confining the daemon).
     pub fn new(config: ProcessConfig) -> Result<Self, DriverError> {
         std::fs::create_dir_all(&config.root)
             .map_err(|e| DriverError::io("creating", &config.root, e))?;
         let landlock_abi = confine::landlock_abi();
         let cgroup = cgroup::detect(config.cgroup_parent.as_deref());
-        let setpcap = confine::holds_setpcap();
+        let namespace = if config.hide.is_empty() {
+            None
+        } else {
+            let needed: Vec<PathBuf> = config
+                .read_exec_paths
+                .iter()
+                .chain(&config.device_files)
+                .cloned()
+                .collect();
+            Some(isolation::WorkloadNamespace::create(
+                &config.hide,
+                &config.root,
+                &needed,
+            )?)
+        };
         tracing::info!(
             root = %config.root.display(),
             landlock_abi = ?landlock_abi,
             cgroup = ?cgroup,
+            hidden = ?namespace.as_ref().map(|n| n.hidden().iter().map(|h| h.path.display().to_string()).collect::<Vec<_>>()),
             "process driver ready"
         );
         Ok(Self {
@@ -163,7 +195,7 @@ impl ProcessDriver {
             config,
             landlock_abi,
             cgroup,
-            setpcap,
+            namespace,
             exits: Arc::default(),
         })
     }
@@ -182,6 +214,12 @@ impl ProcessDriver {
     /// Controls the manifest asks for that this host or driver cannot enforce.
     fn not_enforced(&self, spec: &ReplicaSpec) -> Vec<String> {
         let mut out = vec!["network: the process shares the host's network namespace".to_owned()];
+        if self.namespace.is_none() {
+            out.push(
+                "node API: not hidden (the driver was given no paths to hide): the process can connect to the node's API socket"
+                    .into(),
+            );
+        }
         if let Some(why) = self.landlock_missing() {
             out.push(format!("filesystem confinement (Landlock): {why}"));
         } else if self.config.landlock == LandlockMode::Off {
@@ -238,12 +276,18 @@ impl ProcessDriver {
         }
     }
 
-    /// Prepares the confinement of one child. `Err` is a reason for a Failed status.
+    /// Prepares the confinement of one child, which starts in `cwd`. `Err` is a reason for
+    /// a Failed status.
     fn confinement(
         &self,
         data: &Path,
+        cwd: &Path,
         cgroup_name: Option<(&str, &Container)>,
     ) -> Result<(Confinement, Option<PathBuf>), String> {
+        let namespace = match &self.namespace {
+            Some(ns) => Some(ns.entry(cwd)?),
+            None => None,
+        };
         let ruleset = match self.config.landlock {
             LandlockMode::Off => None,
             mode => {
@@ -276,7 +320,10 @@ impl ProcessDriver {
                 ruleset,
                 cgroup_procs: procs,
                 data_limit,
-                drop_bounding: self.setpcap,
+                // Asked at every start, not once: the daemon may have dropped its
+                // capabilities (confined itself) since the driver was made.
+                drop_bounding: confine::holds_setpcap(),
+                namespace,
             },
             cgroup_dir,
         ))
@@ -335,13 +382,14 @@ impl ProcessDriver {
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
 
         let cgroup_name = format!("{}_{}", spec.id.object_name(), c.name);
-        let (confinement, cgroup_dir) = self.confinement(&data, Some((&cgroup_name, c)))?;
+        let cwd = c.workdir.as_deref().map_or(data.clone(), PathBuf::from);
+        let (confinement, cgroup_dir) = self.confinement(&data, &cwd, Some((&cgroup_name, c)))?;
 
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(&argv[1..])
             .env_clear()
             .envs(self.env(spec, c, &data))
-            .current_dir(c.workdir.as_deref().map_or(data.clone(), PathBuf::from))
+            .current_dir(&cwd)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -659,7 +707,7 @@ impl ProcessDriver {
             };
         };
         let data = self.dir(&spec.id).join("data");
-        let confinement = match self.confinement(&data, None) {
+        let confinement = match self.confinement(&data, &data, None) {
             Ok((conf, _)) => conf,
             Err(e) => return ProbeOutcome::Failed { detail: e },
         };
@@ -1058,7 +1106,7 @@ impl ContainerDriver for ProcessDriver {
                 Control {
                     control: "capabilities".into(),
                     enforcement: Enforcement::Enforced,
-                    detail: if self.setpcap {
+                    detail: if confine::holds_setpcap() || self.namespace.is_some() {
                         "effective, permitted, inheritable and ambient sets cleared; bounding set emptied; securebits locked".into()
                     } else {
                         "effective, permitted, inheritable and ambient sets cleared; no_new_privs prevents regaining any (bounding set kept: the daemon lacks CAP_SETPCAP)".into()
@@ -1075,9 +1123,41 @@ impl ContainerDriver for ProcessDriver {
                 Control {
                     control: "user-namespace".into(),
                     enforcement: Enforcement::NotEnforced,
-                    detail: "processes run as the daemon's user".into(),
+                    detail: if self.namespace.is_some() {
+                        "processes run as the daemon's user (in a user namespace of their own that maps only that uid and gid, for the mount namespace below)".into()
+                    } else {
+                        "processes run as the daemon's user".into()
+                    },
                 },
+                self.node_api_control(),
             ],
+        }
+    }
+}
+
+impl ProcessDriver {
+    /// Whether workloads can reach the node's API socket and files.
+    fn node_api_control(&self) -> Control {
+        let control = "node-api".to_owned();
+        let Some(ns) = &self.namespace else {
+            return Control {
+                control,
+                enforcement: Enforcement::NotEnforced,
+                detail: "no paths to hide were configured: processes can connect to the node's API socket".into(),
+            };
+        };
+        let hidden = ns
+            .hidden()
+            .iter()
+            .map(|h| h.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Control {
+            control,
+            enforcement: Enforcement::Enforced,
+            detail: format!(
+                "processes run in a user and mount namespace of their own where {hidden} are covered (directories by an empty read-only tmpfs, files by /dev/null); from there /proc/PID/root of processes outside is denied (no ptrace access across the user namespace)"
+            ),
         }
     }
 }
