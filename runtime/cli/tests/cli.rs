@@ -691,7 +691,7 @@ fn a_node_refuses_a_fleet_ticket_it_cannot_prove() {
                  [runtime]\ndriver = \"process\"\n[api]\nsocket = \"{}\"\n[sandbox]\nlandlock = \"off\"\n",
                 root.join("data").display(),
                 ticket.display(),
-                root.join("api.sock").display(),
+                root.join("run/api.sock").display(),
             ),
         )
         .expect("host.toml");

@@ -27,7 +27,7 @@ use beemesh_scheduler::{
     award_message,
 };
 use common::api::{Api, eventually};
-use common::netns::{self, Cli, Credentials, Host, HostToml, Lab, MeshPeer, NodeProcess};
+use common::netns::{self, Cli, Credentials, Host, Lab, MeshPeer, NodeProcess};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -157,22 +157,8 @@ impl Rig {
             })
             .collect();
         let evil_host = lab.add_host("evil").expect("the attacker's host");
-        let mut configs: Vec<(HostToml, String)> = hosts
-            .iter()
-            .map(|h| {
-                let cfg = HostToml::new(h, &root.join(&h.name), &creds);
-                let id = netns::node_identity(&cfg.data_dir).expect("a node identity");
-                (cfg, id.to_base58())
-            })
-            .collect();
-        let bootstrap: Vec<String> = configs
-            .iter()
-            .zip(&hosts)
-            .map(|((_, id), h)| h.mesh_addr(Some(&id.parse().expect("PeerId"))))
-            .collect();
-        for (cfg, _) in &mut configs {
-            cfg.bootstrap = bootstrap.clone();
-        }
+        let configs =
+            netns::plan_nodes(&hosts, &root, &creds).expect("host configs and identities");
         let members = configs
             .into_iter()
             .zip(hosts)

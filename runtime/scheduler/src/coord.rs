@@ -670,13 +670,12 @@ impl<I: NodeKey> Scheduler<I> {
                     spec.selects(&info.labels) && spec.resources.fits_in(&info.allocatable)
                 });
             if in_place {
-                let epoch = c.next_epoch;
-                c.next_epoch = c.next_epoch.saturating_add(1);
                 let node = h.node.clone();
-                let award = self.award(&spec, index, epoch, &node, c.round, now);
-                s.pending = Some(award.1);
+                let (msg, pending) =
+                    self.award_next(&mut c.next_epoch, &spec, index, &node, c.round, now);
+                s.pending = Some(pending);
                 wake.at(now + self.config.award_timeout);
-                outbox.push((node, award.0));
+                outbox.push((node, msg));
                 self.stats.awards += 1;
                 self.stats.replicas_awarded += 1;
             } else {
@@ -696,13 +695,12 @@ impl<I: NodeKey> Scheduler<I> {
             {
                 continue;
             }
-            let epoch = c.next_epoch;
-            c.next_epoch = c.next_epoch.saturating_add(1);
             let node = h.node.clone();
-            let award = self.award(&spec, index, epoch, &node, c.round, now);
-            s.pending = Some(award.1);
+            let (msg, pending) =
+                self.award_next(&mut c.next_epoch, &spec, index, &node, c.round, now);
+            s.pending = Some(pending);
             wake.at(now + self.config.award_timeout);
-            outbox.push((node, award.0));
+            outbox.push((node, msg));
             self.stats.adopted += 1;
         }
         to_tender.sort_unstable();
@@ -1166,6 +1164,21 @@ impl<I: NodeKey> Scheduler<I> {
             attempts: 1,
         };
         (msg, pending)
+    }
+
+    /// [`Self::award`] under the next epoch of the workload (taken from `next_epoch`).
+    fn award_next(
+        &self,
+        next_epoch: &mut u64,
+        spec: &Arc<WorkloadSpec>,
+        index: ReplicaIndex,
+        host: &I,
+        round: u64,
+        now: Millis,
+    ) -> (Message<I>, Pending<I>) {
+        let epoch = *next_epoch;
+        *next_epoch = next_epoch.saturating_add(1);
+        self.award(spec, index, epoch, host, round, now)
     }
 
     /// What this coordinator has placed on each of `nodes` (held or awarded), over every

@@ -675,6 +675,34 @@ impl HostToml {
 
 /// Creates (or loads) the node identity in `data_dir`, as `beemesh node` would at its first
 /// start, so that its PeerId is known before it runs (for `/p2p/` bootstrap addresses).
+/// Plans a node on each of `hosts`: its host.toml under `root/<host name>`, its identity made
+/// ahead (so that every node can bootstrap from every other by PeerId), and `bootstrap` filled
+/// with all of them. Returns (config, peer id) in the order of `hosts`.
+pub fn plan_nodes(
+    hosts: &[Host],
+    root: &Path,
+    creds: &Credentials,
+) -> Result<Vec<(HostToml, String)>, String> {
+    let mut planned = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let cfg = HostToml::new(h, &root.join(&h.name), creds);
+        let id = node_identity(&cfg.data_dir)?;
+        planned.push((cfg, id));
+    }
+    let bootstrap: Vec<String> = planned
+        .iter()
+        .zip(hosts)
+        .map(|((_, id), h)| h.mesh_addr(Some(id)))
+        .collect();
+    Ok(planned
+        .into_iter()
+        .map(|(mut cfg, id)| {
+            cfg.bootstrap = bootstrap.clone();
+            (cfg, id.to_base58())
+        })
+        .collect())
+}
+
 pub fn node_identity(data_dir: &Path) -> Result<PeerId, String> {
     beemesh_mesh::load_or_create_identity(data_dir)
         .map(|k| k.public().to_peer_id())

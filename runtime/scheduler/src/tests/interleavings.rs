@@ -133,8 +133,9 @@ fn a_lost_award_is_sent_again_without_a_second_start() {
     }
 }
 
-#[test]
-fn every_award_lost_moves_the_replica_elsewhere() {
+/// Six nodes, every one asked in every tender, and a workload `w` of three replicas that the
+/// returned node (not its coordinator) surely wins: it announced far more room than the rest.
+fn a_sure_winner() -> (Cluster, crate::WorkloadSpec, u32) {
     let cfg = SchedulerConfig {
         min_candidates: 6,
         ..test_config()
@@ -143,9 +144,15 @@ fn every_award_lost_moves_the_replica_elsewhere() {
     settle(&mut c);
     let w = spec("w", 3, Spread::Node);
     let coord = c.coordinator(&w.id);
-    let deaf = (0..6).find(|&i| i != coord).unwrap();
-    // Make `deaf` the best bidder so it surely wins, then lose every award to it.
-    c.announce(deaf, info(100_000, 100_000, &[]));
+    let winner = (0..6).find(|&i| i != coord).unwrap();
+    c.announce(winner, info(100_000, 100_000, &[]));
+    (c, w, winner)
+}
+
+#[test]
+fn every_award_lost_moves_the_replica_elsewhere() {
+    // `deaf` surely wins; every award to it is lost.
+    let (mut c, w, deaf) = a_sure_winner();
     c.filter = Some(Box::new(move |_, _, to, m| {
         to == deaf && matches!(m, Message::Award(_))
     }));
@@ -162,18 +169,9 @@ fn every_award_lost_moves_the_replica_elsewhere() {
 
 #[test]
 fn an_award_whose_every_acknowledgement_is_lost_is_revoked_when_placed_elsewhere() {
-    let cfg = SchedulerConfig {
-        min_candidates: 6,
-        ..test_config()
-    };
-    let mut c = Cluster::new(6, |_| info(1000, 1000, &[]), cfg);
-    settle(&mut c);
-    let w = spec("w", 3, Spread::Node);
-    let coord = c.coordinator(&w.id);
-    let mute = (0..6).find(|&i| i != coord).unwrap();
     // `mute` wins, runs the replica, and none of its reports reaches the coordinator until
     // after the award is given up (3 attempts of 300 ms) and the slot placed elsewhere.
-    c.announce(mute, info(100_000, 100_000, &[]));
+    let (mut c, w, mute) = a_sure_winner();
     c.filter = Some(Box::new(move |now, from, _, m| {
         from == mute && matches!(m, Message::Report(_)) && now < 4_000
     }));
