@@ -17,6 +17,7 @@ pub mod podman;
 pub mod probe;
 pub mod process;
 pub mod procfs;
+pub mod sidecar;
 mod tracker;
 pub mod types;
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +70,33 @@ pub struct ReplicaSpec {
     /// `BEEMESH_SERVICE_<NAME>`); the manifest's `env` wins on a clash. Applied when a
     /// container is created: changing it alone does not replace a running replica.
     pub env: BTreeMap<String, String>,
+    /// The replica's channel to its node, where the driver can give one inside the replica's
+    /// own network namespace (Podman: one more container in the pod). `None`: none.
+    pub sidecar: Option<Sidecar>,
 }
+
+/// A `beemesh sidecar` container in the replica's pod: it listens on `127.0.0.1:port` inside
+/// the pod's network namespace (which only the replica's containers share) and relays to the
+/// node's per-replica Unix socket, which the node creates in `socket_dir`. Only the sidecar
+/// container sees `socket_dir` (bind-mounted at [`SIDECAR_SOCKET_DIR`]); the socket is the
+/// identity: the node knows which replica each of its sockets belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sidecar {
+    /// A root file system holding the sidecar's program (the node assembles it once).
+    pub rootfs: PathBuf,
+    /// The program and its arguments, inside `rootfs`.
+    pub command: Vec<String>,
+    /// Host directory for the replica's socket, bind-mounted into the sidecar only.
+    pub socket_dir: PathBuf,
+    /// The port the sidecar listens on, on 127.0.0.1 inside the pod.
+    pub port: u16,
+}
+
+/// Where the sidecar container sees the replica's socket directory.
+pub const SIDECAR_SOCKET_DIR: &str = "/run/beemesh";
+/// The name of the sidecar among a replica's containers (not a valid manifest container name:
+/// it has a dot, so a manifest can never declare it).
+pub const SIDECAR_CONTAINER: &str = "beemesh.sidecar";
 
 impl ReplicaSpec {
     /// A spec for replica `index` of `manifest`.
@@ -85,6 +112,7 @@ impl ReplicaSpec {
             node: node.into(),
             manifest,
             env: BTreeMap::new(),
+            sidecar: None,
         }
     }
 

@@ -402,3 +402,137 @@ async fn missing_image_gives_a_status_naming_the_image_and_error() {
         "nothing half-created is left"
     );
 }
+
+/// The uid the test Podman runs as (the socket directory's owner).
+fn podman_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(socket_path()).map_or(0, |m| m.uid())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reaches_its_sidecar_and_no_other_replica_or_host_process_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((d, podman)) = driver().await else {
+        return;
+    };
+    let image = image();
+    // Files readable by the Podman user: the sidecar's root and the socket directory, which
+    // in the product belong to the node's own user.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let rootfs =
+        beemesh_driver::sidecar::assemble(std::path::Path::new("/bin/busybox"), dir.path())
+            .expect("sidecar root from busybox-static");
+    let uid = podman_uid();
+    let socket_dir = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir(&p).expect("socket dir");
+        std::fs::write(p.join("hello"), format!("for {name}\n")).expect("write");
+        std::os::unix::fs::chown(&p, Some(uid), None).expect("chown");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        p
+    };
+    // The "sidecar" serves its directory over HTTP on 127.0.0.1:7480 inside the pod.
+    let with_sidecar = |name: &str| {
+        let m = manifest(
+            name,
+            &format!(
+                "[[container]]\nname = \"app\"\nimage = \"{image}\"\ncommand = [\"sleep\", \"300\"]\n"
+            ),
+        );
+        let mut s = spec(m, &format!("sha256:{name}-1"));
+        s.env
+            .insert("BEEMESH_STATE_URL".into(), "http://127.0.0.1:7480".into());
+        s.sidecar = Some(beemesh_driver::Sidecar {
+            rootfs: rootfs.clone(),
+            command: vec![
+                "/bin/busybox".into(),
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "127.0.0.1:7480".into(),
+                "-h".into(),
+                beemesh_driver::SIDECAR_SOCKET_DIR.into(),
+            ],
+            socket_dir: socket_dir(name),
+            port: 7480,
+        });
+        s
+    };
+    let a = with_sidecar("side-a");
+    let b = with_sidecar("side-b");
+    for s in [&a, &b] {
+        let _ = d.stop(&s.id).await;
+        let status = d.ensure(s).await.expect("ensure");
+        assert_eq!(status.state, ReplicaState::Running, "{status:?}");
+        assert!(
+            status
+                .containers
+                .iter()
+                .any(|c| c.name == beemesh_driver::SIDECAR_CONTAINER),
+            "the sidecar is reported with the replica: {status:?}"
+        );
+    }
+    let app = |s: &beemesh_driver::ReplicaSpec| format!("{}_app", s.id.object_name());
+    // Each replica reaches its own sidecar, at the address in its environment.
+    for (s, name) in [(&a, "side-a"), (&b, "side-b")] {
+        let out = wait_for("the replica to reach its sidecar", WAIT, async || {
+            let (rc, out) = exec(
+                &podman,
+                &app(s),
+                &["sh", "-c", "wget -qO- \"$BEEMESH_STATE_URL/hello\""],
+            )
+            .await;
+            (rc == 0).then_some(out)
+        })
+        .await;
+        assert_eq!(out.trim(), format!("for {name}"));
+        // The replica's own containers do not see the node's directory.
+        let (rc, _) = exec(&podman, &app(s), &["ls", "/run/beemesh/hello"]).await;
+        assert_ne!(rc, 0, "only the sidecar has the socket directory");
+    }
+    // Nothing of it is on the host's loopback.
+    assert!(
+        tokio::net::TcpStream::connect("127.0.0.1:7480")
+            .await
+            .is_err()
+            || std::env::var_os("BEEMESH_TEST_PORT_7480_TAKEN").is_some(),
+        "the sidecar's port must not be reachable from the host"
+    );
+    // The sidecar is confined like the workload's containers.
+    let side = format!(
+        "{}_{}",
+        a.id.object_name(),
+        beemesh_driver::SIDECAR_CONTAINER
+    );
+    let inspect = podman
+        .containers()
+        .get(&side)
+        .inspect()
+        .await
+        .expect("inspect the sidecar");
+    let hc = inspect.host_config.expect("host config");
+    assert_eq!(hc.readonly_rootfs, Some(true));
+    assert!(
+        hc.security_opt
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o == "no-new-privileges")
+    );
+    // A sidecar that dies is restarted with the replica's containers.
+    podman
+        .containers()
+        .get(&side)
+        .kill()
+        .await
+        .expect("kill the sidecar");
+    let status = wait_for("the replica to be repaired", WAIT, async || {
+        let st = d.ensure(&a).await.ok()?;
+        (st.state == ReplicaState::Running && st.action == EnsureAction::Restarted).then_some(st)
+    })
+    .await;
+    assert_eq!(status.state, ReplicaState::Running);
+    for s in [&a, &b] {
+        d.stop(&s.id).await.expect("stop");
+    }
+}

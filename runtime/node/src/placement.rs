@@ -432,6 +432,7 @@ async fn reconcile_loop(
                         node: ctx.node_name.clone(),
                         manifest,
                         env: BTreeMap::new(),
+                        sidecar: None,
                     };
                     by_driver_id.insert(spec.id.clone(), r.id.clone());
                     specs.push(spec);

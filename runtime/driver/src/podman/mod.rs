@@ -48,7 +48,7 @@ use crate::types::{
     BackoffPolicy, ContainerHealth, ContainerState, ContainerStatus, Control, DriverReport,
     Enforcement, EnsureAction, HealthReport, LogLine, LogOptions, LogSource, LogStream,
     PortBinding, ProbeOutcome, ReplicaId, ReplicaInfo, ReplicaSpec, ReplicaState, ReplicaStatus,
-    Usage,
+    SIDECAR_CONTAINER, Usage,
 };
 use spec::{CgroupLimits, ContainerDefaults};
 
@@ -146,17 +146,24 @@ impl Observed {
             }
             Some(_) => {}
         }
-        for c in &spec.manifest.containers {
-            match self.members.iter().filter(|(n, _)| *n == c.name).count() {
+        let sidecar = spec.sidecar.is_some().then_some(SIDECAR_CONTAINER);
+        let wanted = spec
+            .manifest
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(sidecar);
+        for name in wanted.clone() {
+            match self.members.iter().filter(|(n, _)| n == name).count() {
                 1 => {}
-                0 => return Some(format!("container {:?} is missing", c.name)),
-                n => return Some(format!("container {:?} exists {n} times", c.name)),
+                0 => return Some(format!("container {name:?} is missing")),
+                n => return Some(format!("container {name:?} exists {n} times")),
             }
         }
         if let Some((n, _)) = self
             .members
             .iter()
-            .find(|(n, _)| !spec.manifest.containers.iter().any(|c| &c.name == n))
+            .find(|(n, _)| !wanted.clone().any(|w| w == n))
         {
             return Some(format!(
                 "it has a container {n:?} the manifest does not declare"
@@ -568,6 +575,31 @@ impl PodmanDriver {
             init: self.config.init,
             stop_timeout_secs: self.config.stop_timeout.as_secs(),
         };
+        // The sidecar first: the replica's channel to its node is up when its containers start.
+        if let Some(sidecar) = &spec.sidecar {
+            let body = spec::sidecar_body(spec, sidecar, &defaults, self.host.limits);
+            let name = spec::container_name(id, SIDECAR_CONTAINER);
+            let response = tokio::time::timeout(
+                self.config.api_timeout,
+                raw::request(
+                    &self.config.socket,
+                    "POST",
+                    "/containers/create",
+                    Some(&body),
+                ),
+            )
+            .await
+            .map_err(|_| format!("creating container {name}: no answer"))?
+            .map_err(|e| format!("creating container {name}: {e}"))?;
+            if response.status != 201 {
+                return Err(format!(
+                    "creating the sidecar from {}: {} (HTTP {})",
+                    sidecar.rootfs.display(),
+                    response.message(),
+                    response.status
+                ));
+            }
+        }
         for c in &spec.manifest.containers {
             let body = spec::container_body(spec, c, &defaults, self.host.limits);
             let name = spec::container_name(id, &c.name);
@@ -743,7 +775,9 @@ impl PodmanDriver {
                 .manifest
                 .containers
                 .iter()
-                .map(|c| status(&c.name, obs.member(&c.name)))
+                .map(|c| c.name.as_str())
+                .chain(s.sidecar.as_ref().map(|_| SIDECAR_CONTAINER))
+                .map(|name| status(name, obs.member(name)))
                 .collect(),
             None => obs
                 .members

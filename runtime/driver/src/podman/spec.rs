@@ -9,7 +9,7 @@ use podman_api::models::PortMapping;
 use serde_json::{Value, json};
 
 use crate::labels::{self, ReplicaLabels};
-use crate::types::{ReplicaId, ReplicaSpec};
+use crate::types::{ReplicaId, ReplicaSpec, SIDECAR_CONTAINER, SIDECAR_SOCKET_DIR, Sidecar};
 
 /// CFS period used for CPU limits (the kernel's default, 100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -93,6 +93,56 @@ pub fn disk_volumes<'a>(
 }
 
 /// The libpod SpecGenerator for one container of the replica.
+/// The sidecar container of a replica's pod: the node's program from a root file system
+/// (no image), read-only, every capability dropped, no new privileges, the replica's socket
+/// directory bind-mounted at [`SIDECAR_SOCKET_DIR`] (this container only), and small limits.
+pub fn sidecar_body(
+    spec: &ReplicaSpec,
+    sidecar: &Sidecar,
+    defaults: &ContainerDefaults,
+    limits: CgroupLimits,
+) -> Value {
+    let id = &spec.id;
+    let mut labels = replica_labels(spec).to_map();
+    labels.insert(labels::CONTAINER.to_owned(), SIDECAR_CONTAINER.to_owned());
+    let mut body = json!({
+        "name": container_name(id, SIDECAR_CONTAINER),
+        "pod": pod_name(id),
+        "rootfs": sidecar.rootfs,
+        "labels": labels,
+        "entrypoint": sidecar.command,
+        "read_only_filesystem": true,
+        "no_new_privileges": true,
+        "cap_drop": ["all"],
+        "init": false,
+        "stop_timeout": defaults.stop_timeout_secs,
+        "restart_policy": "no",
+        "mounts": [{
+            "destination": SIDECAR_SOCKET_DIR,
+            "source": sidecar.socket_dir,
+            "type": "bind",
+            "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
+        }],
+    });
+    let mut resources = serde_json::Map::new();
+    if limits.memory {
+        let bytes: i64 = 64 << 20;
+        resources.insert("memory".into(), json!({ "limit": bytes, "swap": bytes }));
+    }
+    if limits.cpu {
+        resources.insert(
+            "cpu".into(),
+            json!({ "quota": 20_000, "period": CPU_PERIOD_US }),
+        );
+    }
+    if !resources.is_empty()
+        && let Some(obj) = body.as_object_mut()
+    {
+        obj.insert("resource_limits".into(), Value::Object(resources));
+    }
+    body
+}
+
 pub fn container_body(
     spec: &ReplicaSpec,
     c: &Container,
