@@ -117,6 +117,36 @@ enum Command {
     /// Build bootable host images and configure them per host.
     #[command(subcommand)]
     Image(image::ImageCommand),
+
+    /// The replica's end of its state channel, run by the node in one more container of each
+    /// replica's pod: relays 127.0.0.1:7480 inside the pod to the node's per-replica socket.
+    /// Not for running by hand.
+    Sidecar(SidecarArgs),
+}
+
+#[derive(Debug, Args)]
+struct SidecarArgs {
+    /// Where to listen, inside the replica's network namespace.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7480")]
+    listen: std::net::SocketAddr,
+    /// The node's socket for this replica, as bind-mounted into the sidecar.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+}
+
+/// Runs the relay until SIGTERM or SIGINT.
+fn sidecar(a: &SidecarArgs) -> anyhow::Result<()> {
+    beemesh_node::logging::init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        beemesh_node::cancel_on_signals(stop.clone())?;
+        beemesh_node::sidecar::relay(a.listen, a.socket.clone(), stop)
+            .await
+            .map_err(|e| anyhow::anyhow!("sidecar on {}: {e}", a.listen))
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +217,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check(a)) => config::check(&a.file, out),
         Command::Ticket(TicketCommand::Issue(a)) => ticket::issue(&a, out),
         Command::Image(c) => image::run(&c, out),
+        Command::Sidecar(a) => sidecar(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

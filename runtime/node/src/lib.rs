@@ -13,6 +13,8 @@ pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod placement;
+pub mod replica_api;
+pub mod sidecar;
 pub mod store;
 
 pub use node::{NodeError, NodeOptions, RunningNode, Shared, start};

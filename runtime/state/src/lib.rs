@@ -16,6 +16,7 @@
 pub mod crdt;
 pub mod eventual;
 pub mod hlc;
+pub mod kv;
 pub mod lincheck;
 pub mod raft;
 pub mod reconcile;
