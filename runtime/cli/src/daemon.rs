@@ -83,6 +83,14 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+    // The replicas' sidecar runs this program from a root file system assembled here: it
+    // reads the program and its libraries and runs ldd, which the confined daemon may not.
+    let sidecar_rootfs = if config.runtime.driver == beemesh_manifest::host::Driver::Podman {
+        let (rootfs, _) = beemesh_node::node::sidecar_root(None, &config.node.data_dir)?;
+        Some(rootfs)
+    } else {
+        None
+    };
     let status = beemesh_sandbox::confine(&policy)?;
     for gap in &status.not_enforced {
         tracing::warn!("sandbox: not enforced: {gap}");
@@ -90,6 +98,7 @@ pub fn node(a: &NodeArgs) -> anyhow::Result<()> {
     let mut opts = NodeOptions::new(config, Some(path));
     opts.sandbox = serde_json::to_value(&status).context("sandbox status")?;
     opts.driver = driver;
+    opts.sidecar_rootfs = sidecar_rootfs;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

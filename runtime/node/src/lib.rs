@@ -7,6 +7,7 @@
 pub mod api;
 pub mod authority;
 pub mod capacity;
+pub mod consistency;
 pub mod logging;
 pub mod logs;
 pub mod metrics;

@@ -260,6 +260,10 @@ pub struct NodeOptions {
     /// namespace that hides the node's files cannot be made by a Landlock-confined process
     /// ([`process_config`]).
     pub driver: Option<Arc<dyn ContainerDriver>>,
+    /// The sidecar's root file system (Podman), assembled beforehand; `None` assembles it at
+    /// start. The daemon assembles it before it confines itself (it runs `ldd` and reads the
+    /// libraries).
+    pub sidecar_rootfs: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -283,6 +287,7 @@ impl NodeOptions {
             sandbox: serde_json::json!({ "enforced": false, "reason": "not confined" }),
             scheduler: SchedulerConfig::default(),
             driver: None,
+            sidecar_rootfs: None,
         }
     }
 }
@@ -494,6 +499,20 @@ pub async fn start(
     let mut tasks = Vec::new();
     let metrics = Metrics::new();
     let (fetch_tx, fetch_rx) = mpsc::channel(FETCH_QUEUE);
+    let channel = match cfg.runtime.driver {
+        Driver::Podman => {
+            let (rootfs, program) = sidecar_root(opts.sidecar_rootfs.clone(), &data_dir)?;
+            crate::replica_api::Channel::Sidecar { rootfs, program }
+        }
+        Driver::Process => crate::replica_api::Channel::Loopback,
+    };
+    let consistency = Arc::new(crate::consistency::Consistency::new());
+    let endpoints = Arc::new(crate::replica_api::Endpoints::new(
+        &data_dir,
+        channel,
+        consistency.clone(),
+        shutdown.clone(),
+    ));
     let (placement, placement_tasks) = placement::spawn(
         placement::Context {
             local: peer_id.to_base58(),
@@ -505,6 +524,7 @@ pub async fn start(
             keys: award_keys,
             fetch: fetch_tx,
             metrics: metrics.scheduler.clone(),
+            endpoints,
         },
         opts.scheduler.clone(),
         shutdown.clone(),
@@ -902,6 +922,30 @@ pub fn process_driver(
 ) -> Result<beemesh_driver::ProcessDriver, NodeError> {
     beemesh_driver::ProcessDriver::new(process_config(cfg, config_path))
         .map_err(|e| NodeError::Config(format!("runtime.driver = \"process\": {e}")))
+}
+
+/// The program the sidecar runs (this binary, `beemesh`) and the root file system holding it:
+/// `given` (assembled before the daemon confined itself), else assembled now under
+/// `<data_dir>/sidecar`.
+pub fn sidecar_root(
+    given: Option<PathBuf>,
+    data_dir: &Path,
+) -> Result<(PathBuf, String), NodeError> {
+    let exe = std::env::current_exe().map_err(|e| NodeError::Read {
+        what: "this program",
+        path: PathBuf::from("/proc/self/exe"),
+        cause: e.to_string(),
+    })?;
+    let program = exe.file_name().map_or_else(
+        || "beemesh".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let rootfs = match given {
+        Some(r) => r,
+        None => beemesh_driver::sidecar::assemble(&exe, &data_dir.join("sidecar"))
+            .map_err(|e| NodeError::Config(format!("the replicas' sidecar: {e}")))?,
+    };
+    Ok((rootfs, program))
 }
 
 /// The container driver the host config asks for.

@@ -145,6 +145,8 @@ pub struct Context {
     /// Peers to fetch manifests from (anti-entropy); full means a fetch is already due.
     pub fetch: mpsc::Sender<PeerId>,
     pub metrics: SchedulerMetrics,
+    /// Each replica's state endpoint (its channel to this node).
+    pub endpoints: Arc<crate::replica_api::Endpoints>,
 }
 
 /// Starts the scheduler task and the reconcile loop. `restore` replays the persisted
@@ -422,17 +424,27 @@ async fn reconcile_loop(
             let content = ContentId::from(r.content);
             match (ctx.lookup)(&r.id.workload.namespace, &r.id.workload.name, &content) {
                 Some(manifest) => {
+                    let driver_id = beemesh_driver::ReplicaId::new(
+                        &*r.id.workload.namespace,
+                        &*r.id.workload.name,
+                        r.id.index,
+                    );
+                    let (env, sidecar) = match ctx.endpoints.ensure(&driver_id).await {
+                        Ok(channel) => channel,
+                        Err(e) => {
+                            let reason = format!("its state endpoint: {e}");
+                            report(&placement, &mut reported, &r.id, Reported::Failed(reason))
+                                .await;
+                            continue;
+                        }
+                    };
                     let spec = DriverSpec {
-                        id: beemesh_driver::ReplicaId::new(
-                            &*r.id.workload.namespace,
-                            &*r.id.workload.name,
-                            r.id.index,
-                        ),
+                        id: driver_id,
                         content_id: content.to_string(),
                         node: ctx.node_name.clone(),
                         manifest,
-                        env: BTreeMap::new(),
-                        sidecar: None,
+                        env,
+                        sidecar,
                     };
                     by_driver_id.insert(spec.id.clone(), r.id.clone());
                     specs.push(spec);
@@ -475,8 +487,21 @@ async fn reconcile_loop(
                 ctx.driver.name()
             ),
         }
-        // Replicas no longer wanted have been stopped by this pass.
+        // Replicas no longer wanted have been stopped by this pass: so are their endpoints.
         let now_wanted: BTreeSet<ReplicaId> = current.iter().map(|r| r.id.clone()).collect();
+        ctx.endpoints.retain(
+            &current
+                .iter()
+                .map(|r| {
+                    beemesh_driver::ReplicaId::new(
+                        &*r.id.workload.namespace,
+                        &*r.id.workload.name,
+                        r.id.index,
+                    )
+                    .object_name()
+                })
+                .collect(),
+        );
         for gone in running_ids.difference(&now_wanted) {
             placement
                 .input(Input::ReplicaStopped {
