@@ -20,6 +20,8 @@
 pub mod codec;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -339,7 +341,7 @@ impl LwwMap {
         }
         if let Some((at, _)) = key.char_indices().find(|(_, c)| c.is_control()) {
             return Err(KvError::KeyNotPrintable {
-                key: key.escape_debug().to_string(),
+                key: key.to_owned(),
                 at,
             });
         }

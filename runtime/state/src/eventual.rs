@@ -1091,17 +1091,15 @@ impl Replica {
         let mut budget = RECORD_BUDGET;
         let mut out_records = Vec::new();
         while let Some(k) = push.front() {
-            match self.map.get(k) {
-                Some(e) => {
-                    let rec = e.to_record(k);
-                    let len = rec.encoded_len();
-                    if !out_records.is_empty() && len > budget {
-                        break;
-                    }
-                    budget = budget.saturating_sub(len);
-                    out_records.push(rec);
+            // A key gone since (collected) is skipped.
+            if let Some(e) = self.map.get(k) {
+                let rec = e.to_record(k);
+                let len = rec.encoded_len();
+                if !out_records.is_empty() && len > budget {
+                    break;
                 }
-                None => {} // collected since
+                budget = budget.saturating_sub(len);
+                out_records.push(rec);
             }
             push.pop_front();
         }
