@@ -710,18 +710,25 @@ impl Replica {
         self.synced.retain(|_, t| now.saturating_sub(*t) <= horizon);
     }
 
-    /// Whether the pair (this node, `peer`) must do a full exchange: no completed
-    /// reconciliation within the horizon (less twice the drift, for the two clocks).
-    fn pair_stale(&self, peer: &str, now: u64) -> bool {
+    /// Whether the pair (this node, `peer`) must do a full exchange rather than a delta
+    /// reconciliation: it has not completed a reconciliation within the horizon (less twice
+    /// the drift, for the two clocks), and one side collected tombstones that were applied
+    /// after (or not long before) that reconciliation started, so it may lack keys whose
+    /// deletion the other side never saw. A pair that synced within the horizon is safe: a
+    /// tombstone collected since was applied more than a horizon ago, before that sync, which
+    /// carried it. `their_wm` is the peer's watermark when known (0 otherwise; the peer then
+    /// checks with its own).
+    fn needs_full(&self, peer: &str, now: u64, their_wm: u64) -> bool {
+        let margin = 2 * self.config.max_drift_ms;
         let window = self
             .config
             .limits
             .tombstone_horizon_ms
-            .saturating_sub(2 * self.config.max_drift_ms);
-        match self.synced.get(peer) {
-            Some(t) => now.saturating_sub(*t) > window,
-            None => true,
-        }
+            .saturating_sub(margin);
+        let since = self.synced.get(peer).copied().unwrap_or(0);
+        let stale = now.saturating_sub(since) > window;
+        let collected = self.watermark.max(their_wm);
+        stale && collected > 0 && collected.saturating_add(margin) >= since
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, ReconcileError> {
@@ -752,7 +759,7 @@ impl Replica {
 
     fn start_session(&mut self, peer: PeerId, now: u64) {
         let id = self.new_session_id(now);
-        if self.pair_stale(&peer, now) {
+        if self.needs_full(&peer, now, 0) {
             self.start_full(id, peer, now);
             return;
         }
@@ -787,6 +794,7 @@ impl Replica {
             &peer,
             &Message::Query {
                 session: id,
+                watermark: self.watermark,
                 neg: Some(first),
                 push: Vec::new(),
                 want: Vec::new(),
@@ -850,10 +858,11 @@ impl Replica {
         match msg {
             Message::Query {
                 session,
+                watermark,
                 neg,
                 push,
                 want,
-            } => self.answer_query(from, session, neg, push, want, now),
+            } => self.answer_query(from, session, watermark, neg, push, want, now),
             Message::Done { session } => {
                 if let Some(r) = self.responding.get(&from).copied()
                     && r.session == session
@@ -935,16 +944,18 @@ impl Replica {
         r.last_at = now;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer_query(
         &mut self,
         from: PeerId,
         session: u64,
+        their_wm: u64,
         neg: Option<Vec<u8>>,
         push: Vec<Record>,
         want: Vec<ItemId>,
         now: u64,
     ) {
-        if self.pair_stale(&from, now) {
+        if self.needs_full(&from, now, their_wm) {
             self.send(&from, &Message::NeedFull { session });
             return;
         }
@@ -1113,6 +1124,7 @@ impl Replica {
         }
         let query = Message::Query {
             session,
+            watermark: self.watermark,
             neg: next_frame,
             push: out_records,
             want: asked.clone(),

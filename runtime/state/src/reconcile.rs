@@ -181,10 +181,11 @@ pub fn respond(snapshot: &Snapshot, query: &[u8]) -> Result<Vec<u8>, ReconcileEr
 /// names its session, and answers may be lost).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Initiator to responder: a negentropy frame (absent once the sets are reconciled),
-    /// records the responder lacks, ids of records the initiator lacks.
+    /// Initiator to responder: its collection watermark, a negentropy frame (absent once the
+    /// sets are reconciled), records the responder lacks, ids of records the initiator lacks.
     Query {
         session: u64,
+        watermark: u64,
         neg: Option<Vec<u8>>,
         push: Vec<Record>,
         want: Vec<ItemId>,
@@ -317,12 +318,14 @@ impl Message {
         match self {
             Message::Query {
                 session,
+                watermark,
                 neg,
                 push,
                 want,
             } => {
                 w.u8(TAG_QUERY);
                 w.u64(*session);
+                w.u64(*watermark);
                 put_opt_bytes(&mut w, neg);
                 put_records(&mut w, push);
                 w.u32(want.len() as u32);
@@ -403,6 +406,7 @@ impl Message {
         let session = r.u64("session")?;
         let msg = match tag {
             TAG_QUERY => {
+                let watermark = r.u64("watermark")?;
                 let neg = get_opt_bytes(&mut r, "negentropy frame")?;
                 let push = get_records(&mut r)?;
                 let n = r.count("wanted ids", 32)?;
@@ -412,6 +416,7 @@ impl Message {
                 }
                 Message::Query {
                     session,
+                    watermark,
                     neg,
                     push,
                     want,

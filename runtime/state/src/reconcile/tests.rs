@@ -220,6 +220,7 @@ fn messages_round_trip_and_refuse_truncation() {
     let msgs = vec![
         Message::Query {
             session: 1,
+            watermark: 77,
             neg: Some(vec![0x61, 1, 2]),
             push: recs.clone(),
             want: vec![[7; 32]],
