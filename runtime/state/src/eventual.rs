@@ -1086,6 +1086,18 @@ impl Replica {
                         );
                     }
                     need.extend(step.need);
+                    // The peer cannot hold more than the key limit: a longer list is a lie.
+                    if need.len() + push.len() > 2 * self.config.limits.max_keys {
+                        self.refuse(
+                            &from,
+                            Refusal::Malformed(format!(
+                                "{} differing items claimed, more than two maps can hold",
+                                need.len() + push.len()
+                            )),
+                        );
+                        self.stats.reconcile_failures += 1;
+                        return;
+                    }
                     match step.next {
                         Some(f) => next_frame = Some(f),
                         None => *neg_done = true,
