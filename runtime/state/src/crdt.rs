@@ -131,7 +131,7 @@ impl Record {
         item_id(&self.key, &self.ts, self.value.as_deref())
     }
 
-    /// Exact encoded size ([`Record::encode`]).
+    /// Exact encoded size on the wire.
     pub fn encoded_len(&self) -> usize {
         2 + self.key.len()
             + crate::hlc::TIMESTAMP_LEN

@@ -48,8 +48,9 @@ pub type RequestId = u64;
 pub fn delta_topic(namespace: &str, name: &str) -> String {
     format!("/beemesh/kv/1/{namespace}/{name}")
 }
-/// Request/response protocol carrying reconciliation [`Message`]s (the answer to a request is
-/// the peer's next message, or empty).
+/// Request/response protocol carrying reconciliation [`Message`]s: each message travels as a
+/// request whose response is empty (an acknowledgement the replica does not need); the peer's
+/// answer comes back as a request of its own, handed to [`Input::Reconcile`].
 pub const RECONCILE_PROTOCOL: &str = "/beemesh/kv-sync/1";
 /// Most peer hosts of one workload (the manifest's replica maximum).
 pub const MAX_PEERS: usize = 10_000;
@@ -207,8 +208,9 @@ pub enum Output {
     Persist(PersistBatch),
     /// Publish these bytes on the workload's delta topic ([`delta_topic`]).
     Publish(Vec<u8>),
-    /// Send these bytes to `to` on [`RECONCILE_PROTOCOL`]; hand what comes back to
-    /// [`Input::Reconcile`] (a lost message needs no report: sessions time out).
+    /// Send these bytes to `to` on [`RECONCILE_PROTOCOL`] (fire and forget: the peer's answer
+    /// arrives as its own message, for [`Input::Reconcile`]; a lost message needs no report,
+    /// sessions time out).
     Send { to: PeerId, bytes: Vec<u8> },
     /// Answer the local request `req`.
     Reply {
