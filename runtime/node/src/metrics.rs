@@ -31,6 +31,85 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    /// `namespace/name`.
+    pub workload: String,
+}
+
+/// Per `eventual` store on this node (docs/consistency.md, Metrics).
+#[derive(Debug, Clone, Default)]
+pub struct StateMetrics {
+    pub keys: Family<WorkloadLabels, Gauge>,
+    pub tombstones: Family<WorkloadLabels, Gauge>,
+    pub bytes: Family<WorkloadLabels, Gauge>,
+    pub deltas_sent: Family<WorkloadLabels, Counter>,
+    pub deltas_received: Family<WorkloadLabels, Counter>,
+    pub records_applied: Family<WorkloadLabels, Counter>,
+    pub reconciliations: Family<WorkloadLabels, Counter>,
+    pub full_exchanges: Family<WorkloadLabels, Counter>,
+    pub refused_timestamps: Family<WorkloadLabels, Counter>,
+    pub refused_messages: Family<WorkloadLabels, Counter>,
+}
+
+impl StateMetrics {
+    /// Brings the series of `workload` to `now` (counters advance by what changed since
+    /// `last`).
+    pub fn observe(
+        &self,
+        workload: &str,
+        now: &beemesh_state::eventual::Stats,
+        last: &beemesh_state::eventual::Stats,
+    ) {
+        let l = WorkloadLabels {
+            workload: workload.to_owned(),
+        };
+        let gauge = |f: &Family<WorkloadLabels, Gauge>, v: usize| {
+            f.get_or_create(&l)
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        gauge(&self.keys, now.keys);
+        gauge(&self.tombstones, now.tombstones);
+        gauge(&self.bytes, now.bytes);
+        let count = |f: &Family<WorkloadLabels, Counter>, now: u64, last: u64| {
+            if now > last {
+                f.get_or_create(&l).inc_by(now - last);
+            }
+        };
+        count(&self.deltas_sent, now.deltas_sent, last.deltas_sent);
+        count(
+            &self.deltas_received,
+            now.deltas_received,
+            last.deltas_received,
+        );
+        count(
+            &self.records_applied,
+            now.records_applied,
+            last.records_applied,
+        );
+        count(
+            &self.reconciliations,
+            now.reconciliations,
+            last.reconciliations,
+        );
+        count(
+            &self.full_exchanges,
+            now.full_exchanges,
+            last.full_exchanges,
+        );
+        count(
+            &self.refused_timestamps,
+            now.refused_timestamps,
+            last.refused_timestamps,
+        );
+        count(
+            &self.refused_messages,
+            now.refused_messages,
+            last.refused_messages,
+        );
+    }
+}
+
 /// The scheduler's counters, shared with the placement task.
 #[derive(Debug, Clone, Default)]
 pub struct SchedulerMetrics {
@@ -108,6 +187,7 @@ impl RefusalLog {
 pub struct Metrics {
     registry: Registry,
     pub scheduler: SchedulerMetrics,
+    pub state: StateMetrics,
     pub manifests_accepted: Family<SourceLabels, Counter>,
     pub manifests_rejected: Family<RejectLabels, Counter>,
     pub peers: Gauge,
@@ -140,6 +220,65 @@ impl Metrics {
         );
         let syncs = Counter::default();
         let scheduler = SchedulerMetrics::default();
+        let state = StateMetrics::default();
+        for (name, help, family) in [
+            (
+                "state_keys",
+                "Keys (tombstones included) of each eventual store on this node",
+                &state.keys,
+            ),
+            (
+                "state_tombstones",
+                "Tombstones of each eventual store on this node",
+                &state.tombstones,
+            ),
+            (
+                "state_bytes",
+                "Bytes (keys, values, overhead) of each eventual store on this node",
+                &state.bytes,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        for (name, help, family) in [
+            (
+                "state_deltas_sent",
+                "Deltas published by each eventual store",
+                &state.deltas_sent,
+            ),
+            (
+                "state_deltas_received",
+                "Deltas received by each eventual store",
+                &state.deltas_received,
+            ),
+            (
+                "state_records_applied",
+                "Records from peers that changed each eventual store",
+                &state.records_applied,
+            ),
+            (
+                "state_reconciliations",
+                "Completed anti-entropy reconciliations of each eventual store",
+                &state.reconciliations,
+            ),
+            (
+                "state_full_exchanges",
+                "Reconciliations that walked the whole map (after a long separation)",
+                &state.full_exchanges,
+            ),
+            (
+                "state_refused_timestamps",
+                "Records refused for a timestamp beyond the drift bound",
+                &state.refused_timestamps,
+            ),
+            (
+                "state_refused_messages",
+                "Deltas and reconciliation messages refused (not a host, malformed, rate)",
+                &state.refused_messages,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "scheduler_refused",
             "Scheduler messages refused (forged, unauthorised or unbounded), by message and reason",
@@ -184,6 +323,7 @@ impl Metrics {
         Self {
             registry,
             scheduler,
+            state,
             manifests_accepted,
             manifests_rejected,
             peers,

@@ -121,6 +121,8 @@ pub struct Shared {
     pub driver: Arc<dyn ContainerDriver>,
     /// Log streams served from this node's replicas (`/beemesh/logs/1`).
     pub logs: crate::logs::Logs,
+    /// The stores behind the replicas' state endpoints.
+    pub consistency: Arc<crate::consistency::Consistency>,
     store: Arc<Mutex<DesiredStore>>,
 }
 
@@ -506,7 +508,14 @@ pub async fn start(
         }
         Driver::Process => crate::replica_api::Channel::Loopback,
     };
-    let consistency = Arc::new(crate::consistency::Consistency::new());
+    let consistency = Arc::new(crate::consistency::Consistency::new(
+        peer_id.to_base58(),
+        data_dir.clone(),
+        mesh.clone(),
+        metrics.scheduler.clone(),
+        metrics.state.clone(),
+        shutdown.clone(),
+    ));
     let endpoints = Arc::new(crate::replica_api::Endpoints::new(
         &data_dir,
         channel,
@@ -525,6 +534,17 @@ pub async fn start(
             fetch: fetch_tx,
             metrics: metrics.scheduler.clone(),
             endpoints,
+            consistency: consistency.clone(),
+            deleted: {
+                let store = store.clone();
+                Arc::new(move |ns: &str, name: &str| {
+                    store
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(ns, name)
+                        .is_some_and(|e| e.manifest.deleted)
+                })
+            },
         },
         opts.scheduler.clone(),
         shutdown.clone(),
@@ -561,6 +581,7 @@ pub async fn start(
         placement,
         driver,
         logs: crate::logs::Logs::new(shutdown.clone()),
+        consistency,
         store,
     });
 
@@ -570,6 +591,10 @@ pub async fn start(
     tasks.push(tokio::spawn(event_loop(
         shared.clone(),
         events,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(state_peers_loop(
+        shared.clone(),
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(fetch_loop(
@@ -666,6 +691,30 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
         }
         MeshEvent::Gossip {
             topic,
+            source,
+            propagation_source,
+            message_id,
+            data,
+        } if beemesh_state::eventual::delta_workload(&topic).is_some() => {
+            // A write to an eventual workload's map, from one of its hosts: forwarded only if
+            // its store here accepted it (the author hosts the workload, the records are
+            // within limits and clocks).
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let accepted = shared.consistency.delta(&topic, &source, data).await;
+                let verdict = if accepted {
+                    Validation::Accept
+                } else {
+                    Validation::Ignore
+                };
+                let _ = shared
+                    .mesh
+                    .validate(message_id, propagation_source, verdict)
+                    .await;
+            });
+        }
+        MeshEvent::Gossip {
+            topic,
             message_id,
             propagation_source,
             ..
@@ -717,6 +766,11 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                         Err(e) => reply.refuse(e),
                     }
                 });
+            } else if protocol.starts_with("/beemesh/kv-sync/") {
+                match shared.consistency.reconcile(&protocol, &peer, data) {
+                    Ok(()) => reply.respond(Vec::new()),
+                    Err(e) => reply.refuse(e),
+                }
             } else if protocol == SYNC_PROTOCOL {
                 match answer_sync(shared, &data) {
                     Ok(bytes) => reply.respond(bytes),
@@ -792,6 +846,48 @@ fn answer_sync(shared: &Shared, data: &[u8]) -> Result<Vec<u8>, String> {
         resp.manifests.push(e.signed_text.clone());
     }
     serde_json::to_vec(&resp).map_err(|e| e.to_string())
+}
+
+/// How often the hosts of each eventual workload running here are looked up.
+const STATE_PEERS_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells each eventual store which other nodes host its workload's replicas, as the
+/// workload's coordinator reports its placements (its stores accept writes and reconcile
+/// with those nodes only).
+async fn state_peers_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let local = shared.peer_id.to_base58();
+    let mut tick = tokio::time::interval(STATE_PEERS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let running = shared.consistency.running();
+        if running.is_empty() {
+            continue;
+        }
+        let ids = running
+            .iter()
+            .map(|(ns, name)| beemesh_scheduler::WorkloadId::new(ns, name))
+            .collect();
+        let statuses = placement::statuses(&shared.placement, &shared.mesh, &local, ids).await;
+        for (w, (status, _)) in statuses {
+            if !status.authoritative {
+                continue;
+            }
+            let peers = status
+                .placements
+                .iter()
+                .map(|p| p.node.clone())
+                .filter(|n| *n != local)
+                .collect();
+            shared
+                .consistency
+                .set_peers(&w.namespace, &w.name, peers)
+                .await;
+        }
+    }
 }
 
 /// Manifest fetches waiting (peers named by the scheduler's `Fetch`); more are dropped.

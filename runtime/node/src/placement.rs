@@ -121,6 +121,9 @@ pub fn spec_of(e: &Entry) -> Option<WorkloadSpec> {
 pub type Lookup =
     dyn Fn(&str, &str, &ContentId) -> Option<Arc<beemesh_manifest::Manifest>> + Send + Sync;
 
+/// Whether the desired state holds a tombstone for a workload (namespace, name).
+pub type Deleted = dyn Fn(&str, &str) -> bool + Send + Sync;
+
 /// What the reconcile loop must run, shared with the scheduler task.
 #[derive(Default)]
 struct Wanted {
@@ -147,6 +150,10 @@ pub struct Context {
     pub metrics: SchedulerMetrics,
     /// Each replica's state endpoint (its channel to this node).
     pub endpoints: Arc<crate::replica_api::Endpoints>,
+    /// The stores behind the endpoints.
+    pub consistency: Arc<crate::consistency::Consistency>,
+    /// Whether the desired state holds a tombstone for a workload (namespace, name).
+    pub deleted: Arc<Deleted>,
 }
 
 /// Starts the scheduler task and the reconcile loop. `restore` replays the persisted
@@ -429,6 +436,10 @@ async fn reconcile_loop(
                         &*r.id.workload.name,
                         r.id.index,
                     );
+                    if let Err(reason) = ctx.consistency.ensure(&manifest).await {
+                        report(&placement, &mut reported, &r.id, Reported::Failed(reason)).await;
+                        continue;
+                    }
                     let (env, sidecar) = match ctx.endpoints.ensure(&driver_id).await {
                         Ok(channel) => channel,
                         Err(e) => {
@@ -487,8 +498,29 @@ async fn reconcile_loop(
                 ctx.driver.name()
             ),
         }
-        // Replicas no longer wanted have been stopped by this pass: so are their endpoints.
+        // Replicas no longer wanted have been stopped by this pass: so are their endpoints
+        // and the stores of workloads with no replica left here.
         let now_wanted: BTreeSet<ReplicaId> = current.iter().map(|r| r.id.clone()).collect();
+        let stopped = ctx
+            .consistency
+            .retain(
+                &current
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.id.workload.namespace.to_string(),
+                            r.id.workload.name.to_string(),
+                        )
+                    })
+                    .collect(),
+            )
+            .await;
+        // A deleted workload's state goes with it.
+        for (ns, name) in stopped {
+            if (ctx.deleted)(&ns, &name) {
+                ctx.consistency.remove_data(&ns, &name).await;
+            }
+        }
         ctx.endpoints.retain(
             &current
                 .iter()

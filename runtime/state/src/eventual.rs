@@ -46,12 +46,33 @@ pub type RequestId = u64;
 
 /// Gossip topic of a workload's deltas.
 pub fn delta_topic(namespace: &str, name: &str) -> String {
-    format!("/beemesh/kv/1/{namespace}/{name}")
+    format!("/beemesh/kv/{namespace}/{name}/1")
 }
-/// Request/response protocol carrying reconciliation [`Message`]s: each message travels as a
-/// request whose response is empty (an acknowledgement the replica does not need); the peer's
-/// answer comes back as a request of its own, handed to [`Input::Reconcile`].
-pub const RECONCILE_PROTOCOL: &str = "/beemesh/kv-sync/1";
+
+/// The request/response protocol carrying one workload's reconciliation [`Message`]s: each
+/// message travels as a request whose response is empty (an acknowledgement the replica does
+/// not need); the peer's answer comes back as a request of its own, handed to
+/// [`Input::Reconcile`]. The workload is in the name, so the node routes by it.
+pub fn reconcile_protocol(namespace: &str, name: &str) -> String {
+    format!("/beemesh/kv-sync/{namespace}/{name}/1")
+}
+
+/// The workload a reconciliation protocol name (from [`reconcile_protocol`]) is for.
+pub fn reconcile_workload(protocol: &str) -> Option<(&str, &str)> {
+    let rest = protocol.strip_prefix("/beemesh/kv-sync/")?;
+    let rest = rest.strip_suffix("/1")?;
+    let (ns, name) = rest.split_once('/')?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then_some((ns, name))
+}
+
+/// The workload a delta topic (from [`delta_topic`]) is for.
+pub fn delta_workload(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("/beemesh/kv/")?;
+    let rest = rest.strip_suffix("/1")?;
+    let (ns, name) = rest.split_once('/')?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then_some((ns, name))
+}
+
 /// Most peer hosts of one workload (the manifest's replica maximum).
 pub const MAX_PEERS: usize = 10_000;
 
@@ -208,7 +229,7 @@ pub enum Output {
     Persist(PersistBatch),
     /// Publish these bytes on the workload's delta topic ([`delta_topic`]).
     Publish(Vec<u8>),
-    /// Send these bytes to `to` on [`RECONCILE_PROTOCOL`] (fire and forget: the peer's answer
+    /// Send these bytes to `to` on [`reconcile_protocol`] (fire and forget: the peer's answer
     /// arrives as its own message, for [`Input::Reconcile`]; a lost message needs no report,
     /// sessions time out).
     Send { to: PeerId, bytes: Vec<u8> },

@@ -119,6 +119,40 @@ pub trait Kv: Send + Sync {
     async fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Page, KvError>;
 }
 
+impl From<crate::crdt::KvError> for KvError {
+    fn from(e: crate::crdt::KvError) -> Self {
+        use crate::crdt::KvError as C;
+        match e {
+            C::EmptyKey => KvError::InvalidKey {
+                key: String::new(),
+                reason: "empty".into(),
+            },
+            C::KeyTooLong { len, limit, .. } => KvError::TooLarge {
+                what: "the key",
+                size: len,
+                limit,
+            },
+            C::KeyNotPrintable { key, at } => KvError::InvalidKey {
+                key,
+                reason: format!("a control character at byte {at}"),
+            },
+            C::ValueTooLarge { len, limit, .. } => KvError::TooLarge {
+                what: "the value",
+                size: len,
+                limit,
+            },
+            C::PrefixTooLong { len, limit } => KvError::TooLarge {
+                what: "the prefix",
+                size: len,
+                limit,
+            },
+            e @ (C::TooManyKeys { .. } | C::TooManyBytes { .. }) => KvError::Full {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,192 @@
+//! Per-workload state on real in-process nodes (process driver, loopback): what one replica
+//! writes through its state endpoint, another replica of the workload reads through its own.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+use common::{Fleet, get};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A replica's endpoint as its node wrote it down: (address, token).
+fn endpoint(replica_dir: &Path) -> Option<(String, String)> {
+    let port = std::fs::read_to_string(replica_dir.join("port")).ok()?;
+    let token = std::fs::read_to_string(replica_dir.join("token")).ok()?;
+    Some((
+        format!("127.0.0.1:{}", port.trim()),
+        token.trim().to_owned(),
+    ))
+}
+
+/// One HTTP request to a state endpoint: (status, body).
+async fn call(addr: &str, token: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    call_with(addr, token, method, path, "", body).await
+}
+
+/// [`call`] with extra header lines (each ending in `\r\n`).
+async fn call_with(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw))
+        .await
+        .expect("answered")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let status = String::from_utf8_lossy(&raw[..split.min(12)])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, raw.get(split + 4..).unwrap_or_default().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_replica_writes_another_reads_eventually() {
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let (b, b_stop) = fleet.start("b", Some(&a)).await;
+    let (c, c_stop) = fleet.start("c", Some(&a)).await;
+    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"notes\"\ngeneration = 1\n\
+        [placement]\nreplicas = 2\nspread = \"node\"\n\
+        [consistency]\nmode = \"eventual\"\n\
+        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    a.shared
+        .apply(&fleet.signed_text(manifest))
+        .await
+        .expect("accepted");
+    // The two replicas' endpoints, wherever they were placed.
+    let root = fleet.dir.path().to_owned();
+    let dirs: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|n| {
+            let root = root.clone();
+            (0..2).map(move |i| {
+                root.join(n)
+                    .join("data/replicas")
+                    .join(format!("bm_default_notes_{i}"))
+            })
+        })
+        .collect();
+    let start = tokio::time::Instant::now();
+    let endpoints = loop {
+        let found: Vec<(String, String)> = dirs.iter().filter_map(|d| endpoint(d)).collect();
+        let (code, json) = get(&c.api_socket, "/v1/workloads/default/notes").await;
+        let running = code == 200
+            && serde_json::from_str::<serde_json::Value>(&json).is_ok_and(|v| v["running"] == 2);
+        if found.len() == 2 && running {
+            break found;
+        }
+        assert!(start.elapsed() < DEADLINE, "2 replicas never ran: {json}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (one, two) = (&endpoints[0], &endpoints[1]);
+
+    // No token, no state.
+    let (status, _) = call(&one.0, "wrong", "GET", "/v1/kv/x", b"").await;
+    assert_eq!(status, 401);
+    // Conditional writes are a strong workload's: refused here with the reason.
+    let (status, body) = call_with(
+        &one.0,
+        &one.1,
+        "PUT",
+        "/v1/kv/x",
+        "If-Match: \"0\"\r\n",
+        b"1",
+    )
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("strong"));
+    let (status, body) = call(&one.0, &one.1, "PUT", "/v1/kv/x", b"1").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    // Written through one replica, read through the other (the hosts learn of each other
+    // from the coordinator's placements, then deltas and reconciliation carry the write).
+    let written = tokio::time::Instant::now();
+    call(&one.0, &one.1, "PUT", "/v1/kv/greeting", b"hello").await;
+    loop {
+        let (status, body) = call(&two.0, &two.1, "GET", "/v1/kv/greeting", b"").await;
+        if status == 200 && body == b"hello" {
+            break;
+        }
+        assert!(
+            written.elapsed() < DEADLINE,
+            "the other replica never read the write: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "a write reached the other replica after {:?}",
+        written.elapsed()
+    );
+    // A delete travels the same way; listings agree.
+    call(&two.0, &two.1, "DELETE", "/v1/kv/x", b"").await;
+    loop {
+        let (_, body) = call(&one.0, &one.1, "GET", "/v1/kv?prefix=", b"").await;
+        let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let keys: Vec<&str> = page["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["key"].as_str())
+            .collect();
+        if keys == ["greeting"] {
+            break;
+        }
+        assert!(written.elapsed() < DEADLINE, "listing: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Each host's store shows in its metrics.
+    let mut hosts = 0;
+    for n in [&a, &b, &c] {
+        let (_, metrics) = get(&n.api_socket, "/metrics").await;
+        if metrics.contains("beemesh_state_keys{workload=\"default/notes\"} 1")
+            && metrics.contains("beemesh_state_tombstones{workload=\"default/notes\"} 1")
+        {
+            hosts += 1;
+            assert!(
+                metrics.contains("beemesh_state_deltas_sent_total{workload=\"default/notes\"}"),
+                "{metrics}"
+            );
+        }
+    }
+    let (_, sample) = get(&a.api_socket, "/metrics").await;
+    assert_eq!(
+        hosts,
+        2,
+        "two hosts, each with 1 key (greeting) and 1 tombstone (x): {}",
+        sample
+            .lines()
+            .filter(|l| l.contains("state_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    for s in [a_stop, b_stop, c_stop] {
+        s.cancel();
+    }
+    for n in [a, b, c] {
+        let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
+    }
+}
