@@ -558,3 +558,109 @@ fn three_nodes_run_the_printed_example_with_rootless_podman() {
         .collect();
     assert!(left.is_empty(), "dev's containers outlived it: {left:#?}");
 }
+
+/// The stateful example (examples/counter.toml) on a dev mesh: each replica writes its count
+/// through its state endpoint and lists everyone's; a replica's log must come to show both
+/// replicas' keys, read back through its own endpoint (under Podman: the sidecar in its pod).
+fn shared_state(run_as: &RunAs, expect_driver: &str) -> Option<Dev> {
+    let (_t, home, tmp) = sandbox(run_as.ids);
+    let mut dev = Dev::start(2, run_as, &home, &tmp);
+    if !dev.driver.starts_with(expect_driver) {
+        return Some(dev);
+    }
+    let example = home.join("counter.toml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/counter.toml"),
+        &example,
+    )
+    .expect("copy the example");
+    if let Some((uid, gid)) = run_as.ids {
+        std::os::unix::fs::chown(&example, Some(uid), Some(gid)).expect("chown");
+    }
+    let key = dev.root.join("operator.key");
+    let signed = home.join("counter.signed.toml");
+    let beemesh = |args: &[&std::ffi::OsStr]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(&home);
+        run_as.apply(&mut cmd, &home, &tmp);
+        cmd.env("BEEMESH_API", dev.api());
+        let out = cmd.output().expect("beemesh runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, said) = beemesh(&[
+        "sign".as_ref(),
+        example.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--out".as_ref(),
+        signed.as_os_str(),
+    ]);
+    assert!(ok, "sign: {said}");
+    let (ok, said) = beemesh(&["apply".as_ref(), signed.as_os_str()]);
+    assert!(ok, "apply: {said}");
+    dev.wait_running("default", "counter", 2);
+    let deadline = Instant::now() + PLACE;
+    let seen =
+        loop {
+            let (_, log) = beemesh(&[
+                "logs".as_ref(),
+                "default/counter".as_ref(),
+                "--replica".as_ref(),
+                "0".as_ref(),
+            ]);
+            // A line listing both replicas' keys, as replica 0 read them from its endpoint.
+            if let Some(line) = log.lines().rev().find(|l| {
+                l.contains("\"key\":\"hits/") && l.matches("\"key\":\"hits/").count() == 2
+            }) {
+                break line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica 0 never listed both replicas' counts; its log: {log}; dev stderr: {}",
+                dev.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+    println!("replica 0 read: {seen}");
+    assert!(dev.interrupt().success(), "dev exits 0; {}", dev.stderr());
+    None
+}
+
+#[test]
+fn replicas_share_eventual_state_with_the_process_driver() {
+    if let Some(dev) = shared_state(&process_user(), "process") {
+        panic!("expected the process driver, got `{}`", dev.driver);
+    }
+}
+
+#[test]
+fn replicas_share_eventual_state_through_their_sidecars_with_rootless_podman() {
+    let run_as = match podman_user() {
+        Ok(r) => r,
+        Err(reason) => return skip_or_fail(&reason),
+    };
+    let socket = run_as
+        .runtime_dir
+        .clone()
+        .unwrap_or_default()
+        .join("podman/podman.sock");
+    if !podman_answers(&socket) {
+        return skip_or_fail(&format!(
+            "no rootless Podman API answers at {}",
+            socket.display()
+        ));
+    }
+    if let Some(dev) = shared_state(&run_as, "podman") {
+        skip_or_fail(&format!(
+            "beemesh dev did not pick Podman: driver: {}",
+            dev.driver
+        ));
+    }
+}

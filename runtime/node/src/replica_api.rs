@@ -2,9 +2,10 @@
 //! one endpoint per replica this node runs, serving the workload's key-value store to that
 //! replica alone.
 //!
-//! - **Podman** (the product's runtime): the endpoint is a Unix socket in the replica's own
-//!   directory, `<data_dir>/replicas/<replica>/sock/state.sock`. The driver bind-mounts that
-//!   directory into the replica's `beemesh sidecar` container only, which relays
+//! - **Podman** (the product's runtime): the endpoint is a Unix socket in a directory of the
+//!   replica's own, `<data_dir>/s/<16 hex digits of a hash of the replica>/state.sock` (short,
+//!   because a socket's path must fit in 108 bytes). The driver bind-mounts that directory
+//!   into the replica's `beemesh sidecar` container only, which relays
 //!   `127.0.0.1:7480` inside the pod's network namespace to it. The socket is the identity:
 //!   a connection on it can only come from that pod. Nothing is published on the host's
 //!   loopback, and no other workload can reach it.
@@ -16,7 +17,7 @@
 //! per-replica secret, kept outside the socket directory, checked on every request as
 //! `Authorization: Bearer <token>`: defence in depth under Podman).
 //!
-//! The API: `GET|PUT|DELETE /v1/kv/{key}` (a value is the request or response body;
+//! The API: `GET|PUT|DELETE /v1/kv/{key}` (`POST` is `PUT`; a value is the request or response body;
 //! its revision is the `ETag`; `If-Match: "<revision>"` makes a write conditional),
 //! `GET /v1/kv?prefix=P&after=K&limit=N` (a JSON page). Errors are JSON
 //! `{"error": "...", "reason": "..."}`.
@@ -69,6 +70,7 @@ pub enum EndpointError {
 
 struct Served {
     stop: CancellationToken,
+    socket_dir: Option<PathBuf>,
     env: BTreeMap<String, String>,
     sidecar: Option<Sidecar>,
 }
@@ -76,6 +78,8 @@ struct Served {
 /// The endpoints of the replicas this node runs.
 pub struct Endpoints {
     dir: PathBuf,
+    /// Parent of the sockets' directories (short paths).
+    sockets: PathBuf,
     channel: Channel,
     backends: Arc<dyn Backends>,
     served: Mutex<BTreeMap<String, Served>>,
@@ -91,6 +95,7 @@ impl Endpoints {
     ) -> Self {
         Self {
             dir: data_dir.join("replicas"),
+            sockets: data_dir.join("s"),
             channel,
             backends,
             served: Mutex::new(BTreeMap::new()),
@@ -133,13 +138,24 @@ impl Endpoints {
         }));
         let mut env = BTreeMap::new();
         env.insert("BEEMESH_STATE_TOKEN".to_owned(), token);
+        let mut socket_dir = None;
         let sidecar = match &self.channel {
             Channel::Sidecar { rootfs, program } => {
-                let sock_dir = root.join("sock");
+                let sock_dir = self.sockets.join(short_name(&object));
                 std::fs::create_dir_all(&sock_dir).map_err(err(&sock_dir))?;
                 let socket = sock_dir.join(SOCKET_NAME);
+                if socket.as_os_str().len() >= MAX_SOCKET_PATH {
+                    return Err(EndpointError::Io {
+                        replica: replica.to_string(),
+                        path: socket.clone(),
+                        cause: std::io::Error::other(format!(
+                            "a Unix socket's path must be shorter than {MAX_SOCKET_PATH} bytes: give [node] data_dir a shorter path"
+                        )),
+                    });
+                }
                 let _ = std::fs::remove_file(&socket);
                 let listener = tokio::net::UnixListener::bind(&socket).map_err(err(&socket))?;
+                socket_dir = Some(sock_dir.clone());
                 spawn_serving(listener, app, stop.clone(), replica.to_string());
                 env.insert(
                     "BEEMESH_STATE_URL".to_owned(),
@@ -191,6 +207,7 @@ impl Endpoints {
         };
         let served = Served {
             stop,
+            socket_dir,
             env: env.clone(),
             sidecar: sidecar.clone(),
         };
@@ -215,11 +232,12 @@ impl Endpoints {
         };
         for (object, s) in gone {
             s.stop.cancel();
-            let dir = self.dir.join(&object);
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!("removing {}: {e}", dir.display());
+            for dir in std::iter::once(self.dir.join(&object)).chain(s.socket_dir) {
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!("removing {}: {e}", dir.display());
+                }
             }
         }
     }
@@ -240,6 +258,19 @@ where
             tracing::warn!(%replica, "state endpoint stopped: {e}");
         }
     });
+}
+
+/// The longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 108;
+
+/// 16 hex digits of SHA-256 of a replica's object name: its socket directory's name.
+fn short_name(object: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(object.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A 32-byte random token in hex, persisted (0600) so a restarted node keeps its replicas'.
@@ -291,7 +322,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn router(endpoint: Arc<Endpoint>) -> Router {
     Router::new()
         .route("/v1/kv", get(list))
-        .route("/v1/kv/{*key}", get(read).put(write).delete(remove))
+        // POST is PUT for clients that cannot send PUT (busybox wget --post-data).
+        .route(
+            "/v1/kv/{*key}",
+            get(read).put(write).post(write).delete(remove),
+        )
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
         .with_state(endpoint)
 }
