@@ -58,6 +58,8 @@ pub enum Error {
         what: String,
         ms: u64,
     },
+    #[error("the outcome of a write in group {group} is unknown: {reason}")]
+    OutcomeUnknown { group: GroupId, reason: String },
     #[error("busy: {pending} forwarded requests are pending on this node, at most {max}")]
     Busy { pending: usize, max: usize },
     #[error("membership change in group {group} refused: {reason}")]

@@ -44,12 +44,20 @@
 
 pub mod config;
 pub mod error;
+pub mod membership;
+pub mod memory;
+pub mod network;
 pub mod store;
 pub mod types;
+pub mod wire;
 
 pub use config::RaftConfig;
 pub use error::Error;
+pub use membership::{QuorumLost, quorum_lost};
+pub use memory::{MemoryNetwork, MemoryTransport};
+pub use network::{RaftTransport, TransportError};
 pub use types::{
     ApplyResult, GroupId, Item, KvCommand, ListPage, NodeId, Page, RaftPeer, TypeConfig,
     Versioned, node_id,
 };
+pub use wire::{MembershipView, PROTOCOL};
