@@ -104,6 +104,12 @@ impl MemoryNetwork {
         });
     }
 
+    /// Drops every message from `from` to `to` (one direction only: requests from `to` still
+    /// arrive, their answers are lost).
+    pub fn cut(&self, from: &str, to: &str) {
+        self.with(|s| s.cut.insert((from.to_string(), to.to_string())));
+    }
+
     /// Restores every link.
     pub fn heal(&self) {
         self.with(|s| s.cut.clear());

@@ -44,6 +44,7 @@
 
 pub mod config;
 pub mod error;
+mod groups;
 pub mod membership;
 pub mod memory;
 pub mod network;
@@ -51,13 +52,17 @@ pub mod store;
 pub mod types;
 pub mod wire;
 
+#[cfg(test)]
+mod tests;
+
 pub use config::RaftConfig;
 pub use error::Error;
+pub use groups::{GroupStatus, Groups, Role};
 pub use membership::{QuorumLost, quorum_lost};
 pub use memory::{MemoryNetwork, MemoryTransport};
 pub use network::{RaftTransport, TransportError};
 pub use types::{
-    ApplyResult, GroupId, Item, KvCommand, ListPage, NodeId, Page, RaftPeer, TypeConfig,
-    Versioned, node_id,
+    ApplyResult, GroupId, Item, KvCommand, ListPage, NodeId, Page, RaftPeer, TypeConfig, Versioned,
+    node_id,
 };
 pub use wire::{MembershipView, PROTOCOL};
