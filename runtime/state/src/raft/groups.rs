@@ -64,6 +64,8 @@ pub struct GroupStatus {
     pub last_applied: Option<u64>,
     pub last_log_index: Option<u64>,
     pub snapshot_index: Option<u64>,
+    /// The log is purged up to this index (covered by the snapshot).
+    pub purged_index: Option<u64>,
     /// The group's revision as applied here.
     pub revision: u64,
     /// The state's accounted size in bytes.
@@ -214,7 +216,15 @@ impl<T: RaftTransport> Groups<T> {
         // One damaged group must not keep the others from serving.
         for id in found {
             match groups.start_group(&id).await {
-                Ok(g) => groups.map_insert(g),
+                Ok(g) => {
+                    // A first voter that stopped before its group formed bootstraps again.
+                    if let Ok(Some(members)) = g.reader.bootstrap()
+                        && let Err(e) = groups.bootstrap(&g, members).await
+                    {
+                        tracing::warn!(group = %id, error = %e, "bootstrapping");
+                    }
+                    groups.map_insert(g)
+                }
                 Err(e) => {
                     tracing::error!(group = %id, error = %e, "cannot open the raft group");
                     if let Ok(mut f) = groups.inner.failed.lock() {
@@ -379,33 +389,49 @@ impl<T: RaftTransport> Groups<T> {
         }
         self.check_capacity()?;
         let g = self.start_group(group).await?;
-        let pristine = !g.raft.is_initialized().await.map_err(|e| Error::Stopped {
-            group: group.clone(),
+        g.reader
+            .save_bootstrap(&members)
+            .await
+            .map_err(|e| storage_error(&g.dir, e))?;
+        self.bootstrap(&g, members).await?;
+        self.map_insert(g);
+        Ok(())
+    }
+
+    /// Initialises a group that has never formed: at once on the first voter with the lowest
+    /// node id, after the grace period on the others (unless a leader has reached them).
+    async fn bootstrap(
+        &self,
+        g: &Arc<Group>,
+        members: BTreeMap<NodeId, RaftPeer>,
+    ) -> Result<(), Error> {
+        let initialized = g.raft.is_initialized().await.map_err(|e| Error::Stopped {
+            group: g.id.clone(),
             reason: e.to_string(),
         })?;
-        if pristine {
-            let bootstrapper = members.keys().next().copied() == Some(self.inner.local_id);
-            let raft = g.raft.clone();
-            let grace = if bootstrapper {
-                Duration::ZERO
-            } else {
-                self.inner.config.bootstrap_grace()
-            };
-            let id = group.clone();
-            let task = tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                if let Ok(false) = raft.is_initialized().await {
-                    match raft.initialize(members).await {
-                        Ok(()) => tracing::info!(group = %id, "initialised the raft group"),
-                        Err(e) => tracing::debug!(group = %id, error = %e, "not initialising"),
-                    }
-                }
-            });
-            if let Ok(mut b) = g.bootstrap.lock() {
-                *b = Some(task);
-            }
+        if initialized || !members.contains_key(&self.inner.local_id) {
+            return Ok(());
         }
-        self.map_insert(g);
+        let bootstrapper = members.keys().next().copied() == Some(self.inner.local_id);
+        let raft = g.raft.clone();
+        let grace = if bootstrapper {
+            Duration::ZERO
+        } else {
+            self.inner.config.bootstrap_grace()
+        };
+        let id = g.id.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Ok(false) = raft.is_initialized().await {
+                match raft.initialize(members).await {
+                    Ok(()) => tracing::info!(group = %id, "initialised the raft group"),
+                    Err(e) => tracing::debug!(group = %id, error = %e, "not initialising"),
+                }
+            }
+        });
+        if let Ok(mut b) = g.bootstrap.lock() {
+            *b = Some(task);
+        }
         Ok(())
     }
 
@@ -686,6 +712,7 @@ impl<T: RaftTransport> Groups<T> {
             last_applied: m.last_applied.map(|l| l.index),
             last_log_index: m.last_log_index,
             snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             revision,
             state_bytes,
         })

@@ -32,6 +32,7 @@
 //! All writes run on the blocking thread pool: a durable commit waits for the disk and must not
 //! stall the async workers other groups share.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
@@ -86,6 +87,7 @@ const K_APPLIED: &str = "applied";
 const K_MEMBERSHIP: &str = "membership";
 const K_REVISION: &str = "revision";
 const K_SIZE: &str = "size";
+const K_BOOTSTRAP: &str = "bootstrap";
 const S_META: &str = "meta";
 const S_DATA: &str = "data";
 
@@ -845,6 +847,21 @@ impl StateReader {
             });
         }
         Ok((items, next, revision))
+    }
+
+    /// Records the first voters a group was created with, durably, so that a first voter
+    /// restarting before the group formed still initialises it.
+    pub async fn save_bootstrap(&self, voters: &BTreeMap<NodeId, RaftPeer>) -> R<()> {
+        let bytes = encode(voters)?;
+        write(&self.db, Durability::Immediate, move |txn| {
+            put_meta(txn, K_BOOTSTRAP, &bytes)
+        })
+        .await
+    }
+
+    /// The first voters recorded by [`Self::save_bootstrap`].
+    pub fn bootstrap(&self) -> R<Option<BTreeMap<NodeId, RaftPeer>>> {
+        get_meta(&self.db, K_BOOTSTRAP)
     }
 
     /// The group's revision and the state's accounted size in bytes.

@@ -363,6 +363,20 @@ async fn a_replica_moves_from_c_to_d_while_the_group_serves() {
             .unwrap();
     }
 
+    // The leader has purged the start of its log: D can only catch up by a snapshot.
+    let leader = c.leader(&g, &[A, B, C], Duration::from_secs(10)).await;
+    let l = within("a purge", Duration::from_secs(10), async {
+        loop {
+            let s = c.node(&leader).status(&g).await.unwrap();
+            if s.purged_index.is_some() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(l.snapshot_index >= l.purged_index, "{l:?}");
+
     // A writer keeps writing through A during the whole move.
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -422,7 +436,7 @@ async fn a_replica_moves_from_c_to_d_while_the_group_serves() {
     }
     // D got the state (by snapshot: the log it needed had been purged).
     let d = c.node(D).status(&g).await.unwrap();
-    assert!(d.snapshot_index.is_some(), "{d:?}");
+    assert!(d.snapshot_index >= l.purged_index, "{d:?}");
     for i in [0u32, 33, 59] {
         let v = c
             .node(D)
@@ -524,6 +538,18 @@ async fn groups_restart_from_disk_and_continue() {
         let s = c.node(p).status(&g).await.unwrap();
         assert_eq!(s.voters, before.voters, "{s:?}");
         assert!(s.commit_index >= before.commit_index, "{s:?}");
+        assert_eq!(s.revision, last, "the state machine is there: {s:?}");
+        let log = within("the log", Duration::from_secs(5), async {
+            loop {
+                let s = c.node(p).status(&g).await.unwrap();
+                if s.last_log_index.is_some() {
+                    return s.last_log_index;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(log >= before.commit_index, "the log is there");
     }
     c.leader(&g, &[A, B, C], Duration::from_secs(10)).await;
     let v = c.node(C).get(&g, "k9").await.unwrap().unwrap();
@@ -710,4 +736,33 @@ async fn a_forwarded_write_whose_answer_is_lost_is_not_sent_twice() {
     assert!(matches!(e, Error::OutcomeUnknown { .. }), "{e}");
     let v = c.node(&leader).get(&g, "once").await.unwrap().unwrap();
     assert_eq!(v.revision, before + 1, "applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_voters_that_restart_before_the_group_formed_still_form_it() {
+    let config = RaftConfig {
+        bootstrap_grace_ms: 500,
+        ..RaftConfig::for_tests()
+    };
+    let mut c = Cluster::new(&[A, B, C], config).await;
+    let g = group("db");
+    let voters = [A, B, C];
+    // The bootstrapper (lowest node id) never comes up; the other two restart at once.
+    let first = *voters.iter().min_by_key(|p| node_id(p)).unwrap();
+    let others: Vec<&str> = voters.into_iter().filter(|p| *p != first).collect();
+    c.kill(first).await;
+    for p in &others {
+        c.node(p).create(&g, &peers(&voters)).await.unwrap();
+    }
+    for p in &others {
+        c.kill(p).await;
+    }
+    for p in &others {
+        c.start(p).await;
+    }
+    c.leader(&g, &others, Duration::from_secs(10)).await;
+    c.node(others[0])
+        .put(&g, "k", b"v".to_vec(), None)
+        .await
+        .unwrap();
 }
