@@ -389,11 +389,21 @@ impl<T: RaftTransport> Groups<T> {
         }
         self.check_capacity()?;
         let g = self.start_group(group).await?;
-        g.reader
+        let saved = g
+            .reader
             .save_bootstrap(&members)
             .await
-            .map_err(|e| storage_error(&g.dir, e))?;
-        self.bootstrap(&g, members).await?;
+            .map_err(|e| storage_error(&g.dir, e));
+        let started = match saved {
+            Ok(()) => self.bootstrap(&g, members).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            if let Err(stop_error) = stop(g).await {
+                tracing::warn!(group = %group, error = %stop_error, "stopping after a failed create");
+            }
+            return Err(e);
+        }
         self.map_insert(g);
         Ok(())
     }
