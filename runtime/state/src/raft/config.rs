@@ -8,12 +8,16 @@
 //!   linearizable read waits to confirm leadership (openraft uses the heartbeat interval as that
 //!   confirmation's deadline), so it must stay above the mesh's round-trip time.
 //! - `election_timeout_min_ms = 2000`, `election_timeout_max_ms = 4000`: four to eight heartbeats,
-//!   so three lost heartbeats in a row (a congested link, a CPU stall) do not depose a leader;
-//!   the spread makes split votes rare. A leader's loss is noticed within 4 s, and a new leader
-//!   serves within about one more timeout: well inside the scheduler's `reschedule_after`
-//!   (10 s by default).
+//!   so three lost heartbeats in a row (a congested link, a CPU stall) do not start an election
+//!   (which, without pre-vote in openraft 0.9, would depose a healthy leader); the spread makes
+//!   split votes rare. After a leader dies, followers refuse votes until one maximum election
+//!   timeout has passed since its last heartbeat (openraft's leader lease), so a new leader
+//!   serves after 4 to about 8 s: inside the scheduler's `reschedule_after` (10 s by default).
+//!   Meshes on good links can halve all three timings.
 //! - `request_timeout_ms = 5000`: how long a client read or write may wait for a leader, a
-//!   quorum and the commit; longer than one election so a request survives a fail-over.
+//!   quorum and the commit. A request that finds no leader in time fails cleanly with
+//!   `NoLeader` (retryable); only a write a leader accepted but could not commit ends as
+//!   `Timeout` (outcome unknown).
 //! - `max_rpc_bytes = 960 KiB`: below the mesh's 1 MiB request-response limit with room for
 //!   its framing. AppendEntries batches are cut to fit; snapshots travel in
 //!   `snapshot_chunk_bytes` chunks.
