@@ -767,3 +767,31 @@ async fn first_voters_that_restart_before_the_group_formed_still_form_it() {
         .await
         .unwrap();
 }
+
+/// The node spawns these: they must be `Send` (checked at compile time).
+#[allow(dead_code)]
+fn the_api_futures_are_send(g: Groups<MemoryTransport>, id: GroupId) {
+    fn send<T: Send>(_: T) {}
+    let v: Vec<String> = Vec::new();
+    send(Groups::open(
+        A,
+        std::path::Path::new("/"),
+        RaftConfig::default(),
+        MemoryNetwork::new().transport(A),
+    ));
+    send(g.create(&id, &v));
+    send(g.join_as_learner(&id, &v));
+    send(g.add_learner(&id, A));
+    send(g.promote(&id, A, Duration::ZERO));
+    send(g.remove_voter(&id, A));
+    send(g.change_voters(&id, &v, Duration::ZERO));
+    send(g.quorum_check(&id, |_| false));
+    send(g.delete_group(&id));
+    send(g.shutdown());
+    send(g.status(&id));
+    send(g.get(&id, "k"));
+    send(g.list(&id, "", Page::default()));
+    send(g.put(&id, "k", Vec::new(), None));
+    send(g.delete(&id, "k", None));
+    send(g.handle_rpc(A, &[]));
+}
