@@ -600,6 +600,7 @@ impl Rig {
                     epoch: 1_000,
                     sig: Signature::default(),
                 }],
+                bootstrap: Vec::new(),
             }),
         );
         self.send(

@@ -23,6 +23,7 @@ use beemesh_mesh::{MeshHandle, PeerId};
 use beemesh_state::eventual::store::{Store, workload_dir};
 use beemesh_state::eventual::{self, Input, Output, ReplicaConfig, Reply};
 use beemesh_state::kv::{Item, Kv, KvError, Page, Written};
+use beemesh_state::raft::{self, GroupId, Groups, RaftTransport, Role, TransportError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -185,35 +186,292 @@ impl Kv for EventualStore {
     }
 }
 
+/// Raft over the mesh: each request on `/beemesh/raft/1` to the target peer.
+#[derive(Clone)]
+pub struct MeshRaft {
+    pub mesh: MeshHandle,
+}
+
+impl RaftTransport for MeshRaft {
+    fn call(
+        &self,
+        target: &str,
+        request: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, TransportError>> + Send {
+        let mesh = self.mesh.clone();
+        let target = target.to_owned();
+        async move {
+            let peer: PeerId = target.parse().map_err(|_| TransportError::Unreachable {
+                peer: target.clone(),
+                reason: "not a peer id".into(),
+            })?;
+            mesh.request(peer, raft::PROTOCOL, request)
+                .await
+                .map_err(|e| match e {
+                    // Certainly not sent.
+                    beemesh_mesh::MeshError::NotAdmitted { .. }
+                    | beemesh_mesh::MeshError::BadName { .. }
+                    | beemesh_mesh::MeshError::TooLarge { .. }
+                    | beemesh_mesh::MeshError::Stopped => TransportError::Unreachable {
+                        peer: target.clone(),
+                        reason: e.to_string(),
+                    },
+                    other => TransportError::Failed {
+                        peer: target.clone(),
+                        reason: other.to_string(),
+                    },
+                })
+        }
+    }
+}
+
+/// How long a new voter may take to catch up before a membership step gives up.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// A strong workload on this node.
+#[derive(Default)]
+struct Strong {
+    /// A membership change is under way (this node leads the group).
+    changing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A strong workload's store, as one of its replicas sees it: the workload's Raft group.
+pub struct StrongKv {
+    groups: Groups<MeshRaft>,
+    group: GroupId,
+}
+
+fn raft_error(e: raft::Error) -> KvError {
+    use raft::Error as E;
+    match e {
+        E::PreconditionFailed {
+            key,
+            expected,
+            current,
+            ..
+        } => KvError::Precondition {
+            key,
+            expected,
+            actual: Some(current),
+        },
+        E::InvalidKey { key, reason } => KvError::InvalidKey { key, reason },
+        E::ValueTooLarge { len, max, .. } => KvError::TooLarge {
+            what: "the value",
+            size: len,
+            limit: max,
+        },
+        e @ E::StateFull { .. } => KvError::Full {
+            reason: e.to_string(),
+        },
+        e @ (E::NoLeader { .. }
+        | E::Unavailable { .. }
+        | E::Timeout { .. }
+        | E::OutcomeUnknown { .. }
+        | E::Busy { .. }
+        | E::UnknownGroup { .. }
+        | E::Stopped { .. }
+        | E::Transport { .. }) => KvError::Unavailable {
+            reason: e.to_string(),
+        },
+        other => KvError::Internal(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Kv for StrongKv {
+    fn mode(&self) -> &'static str {
+        "strong"
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Item>, KvError> {
+        let v = self
+            .groups
+            .get(&self.group, key)
+            .await
+            .map_err(raft_error)?;
+        Ok(v.map(|v| Item {
+            key: key.to_owned(),
+            value: v.value,
+            revision: v.revision,
+        }))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        if_revision: Option<u64>,
+    ) -> Result<Written, KvError> {
+        let revision = self
+            .groups
+            .put(&self.group, key, value, if_revision)
+            .await
+            .map_err(raft_error)?;
+        Ok(Written { revision })
+    }
+
+    async fn delete(&self, key: &str, if_revision: Option<u64>) -> Result<Written, KvError> {
+        match self.groups.delete(&self.group, key, if_revision).await {
+            Ok(revision) => Ok(Written { revision }),
+            // Deleting what is absent is fine (unless a revision was expected).
+            Err(raft::Error::KeyNotFound { .. }) if if_revision.is_none() => {
+                Ok(Written { revision: 0 })
+            }
+            Err(e) => Err(raft_error(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Page, KvError> {
+        let page = self
+            .groups
+            .list(
+                &self.group,
+                prefix,
+                raft::Page {
+                    after: after.map(str::to_owned),
+                    limit,
+                },
+            )
+            .await
+            .map_err(raft_error)?;
+        Ok(Page {
+            items: page
+                .items
+                .into_iter()
+                .map(|i| Item {
+                    key: i.key,
+                    value: i.value,
+                    revision: i.revision,
+                })
+                .collect(),
+            next: page.next,
+        })
+    }
+}
+
+/// The hosts of each strong workload this node takes part in, as this node's own view of the
+/// coordinator's placements (and the first voters it was told) names them: only they, and
+/// the group's members, are heard on the workload's group.
+#[derive(Default)]
+struct StrongHosts(Mutex<BTreeMap<Key, BTreeSet<String>>>);
+
+impl StrongHosts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, BTreeSet<String>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl raft::Participants for StrongHosts {
+    fn may_participate(&self, group: &GroupId, peer: &str) -> bool {
+        self.lock()
+            .get(&(group.namespace.clone(), group.name.clone()))
+            .is_some_and(|h| h.contains(peer))
+    }
+}
+
 /// The stores of the workloads whose replicas run on this node.
 pub struct Consistency {
+    hosts: Arc<StrongHosts>,
     local: String,
     data_dir: PathBuf,
     mesh: MeshHandle,
     metrics: SchedulerMetrics,
     state_metrics: StateMetrics,
     eventual: Mutex<BTreeMap<Key, Arc<EventualStore>>>,
+    groups: Groups<MeshRaft>,
+    strong: Mutex<BTreeMap<Key, Strong>>,
+    /// First voters named by the coordinator, until the group is formed here.
+    bootstraps: Mutex<BTreeMap<Key, Vec<String>>>,
+    /// Strong workloads this node no longer hosts: their group is removed here once the
+    /// leader has taken this node out of its voters.
+    leaving: Mutex<BTreeSet<Key>>,
     shutdown: CancellationToken,
 }
 
 impl Consistency {
-    pub fn new(
+    /// Opens this node's Raft groups (those it hosted before a restart come back).
+    pub async fn open(
         local: String,
         data_dir: PathBuf,
         mesh: MeshHandle,
         metrics: SchedulerMetrics,
         state_metrics: StateMetrics,
         shutdown: CancellationToken,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let groups = Groups::open(
+            &local,
+            &data_dir,
+            raft::RaftConfig::default(),
+            MeshRaft { mesh: mesh.clone() },
+        )
+        .await
+        .map_err(|e| format!("the Raft groups under {}: {e}", data_dir.display()))?;
+        let hosts = Arc::new(StrongHosts::default());
+        groups.set_participants(hosts.clone());
+        for (g, e) in groups.open_failures() {
+            tracing::error!(
+                "the Raft group of {}/{} did not open: {e}",
+                g.namespace,
+                g.name
+            );
+        }
+        Ok(Self {
+            hosts,
             local,
             data_dir,
             mesh,
             metrics,
             state_metrics,
             eventual: Mutex::new(BTreeMap::new()),
+            groups,
+            strong: Mutex::new(BTreeMap::new()),
+            bootstraps: Mutex::new(BTreeMap::new()),
+            leaving: Mutex::new(BTreeSet::new()),
             shutdown,
+        })
+    }
+
+    /// The Raft groups of this node (for `/beemesh/raft/1` and status).
+    pub fn groups(&self) -> &Groups<MeshRaft> {
+        &self.groups
+    }
+
+    /// The coordinator named this node among the first voters of a strong workload's group.
+    pub fn bootstrap(&self, namespace: &str, name: &str, voters: Vec<String>) {
+        self.hosts
+            .lock()
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_default()
+            .extend(voters.iter().cloned());
+        self.bootstraps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((namespace.to_owned(), name.to_owned()), voters);
+    }
+
+    fn strong_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Strong>> {
+        self.strong.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_group(&self, g: &GroupId) -> bool {
+        self.groups.list_groups().contains(g)
+    }
+
+    /// Whether a replica of `namespace/name` on this node may count as running: always for
+    /// eventual workloads; for strong ones once this node is a voter of the group (a learner
+    /// is promoted only after it caught up).
+    pub async fn ready(&self, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        if !self.strong_lock().contains_key(&key) {
+            return true;
         }
+        let Ok(g) = GroupId::new(namespace, name) else {
+            return false;
+        };
+        self.groups
+            .status(&g)
+            .await
+            .is_ok_and(|s| s.voters.contains(&self.local))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Arc<EventualStore>>> {
@@ -223,8 +481,8 @@ impl Consistency {
     /// Runs the store of `manifest`'s workload on this node (once), because one of its
     /// replicas runs here.
     pub async fn ensure(&self, manifest: &Manifest) -> Result<(), String> {
-        if manifest.consistency.mode != ConsistencyMode::Eventual {
-            return Ok(());
+        if manifest.consistency.mode == ConsistencyMode::Strong {
+            return self.ensure_strong(manifest).await;
         }
         let key = (manifest.namespace.clone(), manifest.name.clone());
         if self.lock().contains_key(&key) {
@@ -272,9 +530,55 @@ impl Consistency {
         Ok(())
     }
 
+    async fn ensure_strong(&self, manifest: &Manifest) -> Result<(), String> {
+        let key = (manifest.namespace.clone(), manifest.name.clone());
+        if self.strong_lock().contains_key(&key) {
+            return Ok(());
+        }
+        let g = GroupId::new(&key.0, &key.1).map_err(|e| e.to_string())?;
+        let first = self
+            .bootstraps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        if let Some(voters) = first
+            && !self.has_group(&g)
+        {
+            self.groups
+                .create(&g, &voters)
+                .await
+                .map_err(|e| format!("forming the Raft group of {}/{}: {e}", key.0, key.1))?;
+            tracing::info!(workload = %format!("{}/{}", key.0, key.1), ?voters, "formed the Raft group");
+        }
+        // Otherwise the group exists here already (a restart), or this node joins it as a
+        // learner once it knows the other hosts ([`Self::strong_placements`]).
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.strong_lock().insert(key, Strong::default());
+        Ok(())
+    }
+
     /// Stops the stores of workloads not in `wanted` (their data stays on disk: a replica
     /// coming back finds it, and deleting the workload removes it). Returns those stopped.
     pub async fn retain(&self, wanted: &BTreeSet<Key>) -> Vec<Key> {
+        let left: Vec<Key> = {
+            let mut strong = self.strong_lock();
+            let keys: Vec<Key> = strong
+                .keys()
+                .filter(|k| !wanted.contains(*k))
+                .cloned()
+                .collect();
+            for k in &keys {
+                strong.remove(k);
+            }
+            keys
+        };
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(left.iter().cloned());
         let gone: Vec<(Key, Arc<EventualStore>)> = {
             let mut map = self.lock();
             let keys: Vec<Key> = map
@@ -295,17 +599,120 @@ impl Consistency {
             }
             stopped.push((ns, name));
         }
+        stopped.extend(left);
         stopped
     }
 
     /// Removes the data of a deleted workload (after its replicas stopped).
     pub async fn remove_data(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.hosts.lock().remove(&key);
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        if let Ok(g) = GroupId::new(namespace, name)
+            && self.has_group(&g)
+            && let Err(e) = self.groups.delete_group(&g).await
+        {
+            tracing::warn!("removing the Raft group of {namespace}/{name}: {e}");
+        }
         let dir = workload_dir(&self.data_dir, namespace, name);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!("removing the state of {namespace}/{name}: {e}");
         }
+    }
+
+    /// Strong workloads hosted here, and those this node is leaving.
+    pub fn strong_running(&self) -> Vec<Key> {
+        let mut v: Vec<Key> = self.strong_lock().keys().cloned().collect();
+        v.extend(
+            self.leaving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        v
+    }
+
+    /// A strong workload's placements as its coordinator reports them (`complete`: every
+    /// replica placed): joins the group if this node is a new host, makes the group's voters
+    /// follow the placements if this node leads it, and removes the group here once this
+    /// node left it.
+    pub async fn strong_placements(
+        &self,
+        namespace: &str,
+        name: &str,
+        hosts: BTreeSet<String>,
+        placed_on: BTreeSet<String>,
+        complete: bool,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.hosts
+            .lock()
+            .insert(key.clone(), placed_on.union(&hosts).cloned().collect());
+        let Ok(g) = GroupId::new(namespace, name) else {
+            return;
+        };
+        let leaving = self
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if leaving {
+            // Gone from the voters (or never joined): nothing of it is needed here any more.
+            let still_voter = self
+                .groups
+                .status(&g)
+                .await
+                .is_ok_and(|s| s.voters.contains(&self.local));
+            if !still_voter && !hosts.contains(&self.local) {
+                self.remove_data(namespace, name).await;
+            }
+            return;
+        }
+        let Some(changing) = self.strong_lock().get(&key).map(|s| s.changing.clone()) else {
+            return;
+        };
+        if !self.has_group(&g) {
+            let contacts: Vec<String> = hosts
+                .iter()
+                .filter(|h| **h != self.local)
+                .cloned()
+                .collect();
+            if contacts.is_empty() {
+                return;
+            }
+            match self.groups.join_as_learner(&g, &contacts).await {
+                Ok(()) => {
+                    tracing::info!(workload = %format!("{namespace}/{name}"), "joining the Raft group as a learner")
+                }
+                Err(e) => tracing::debug!("joining the Raft group of {namespace}/{name}: {e}"),
+            }
+            return;
+        }
+        let Ok(status) = self.groups.status(&g).await else {
+            return;
+        };
+        if status.role != Role::Leader || !complete {
+            return;
+        }
+        let target: Vec<String> = hosts.into_iter().collect();
+        if target == status.voters || changing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let groups = self.groups.clone();
+        let workload = format!("{namespace}/{name}");
+        tokio::spawn(async move {
+            tracing::info!(%workload, from = ?status.voters, to = ?target, "moving the Raft group's voters");
+            if let Err(e) = groups.change_voters(&g, &target, CATCH_UP).await {
+                tracing::warn!(%workload, "moving the Raft group's voters: {e}");
+            }
+            changing.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// The other hosts of a workload's replicas (from its coordinator's placements).
@@ -363,14 +770,21 @@ impl Consistency {
 
 impl Backends for Consistency {
     fn kv(&self, namespace: &str, name: &str) -> Result<Arc<dyn Kv>, KvError> {
-        match self.lock().get(&(namespace.to_owned(), name.to_owned())) {
-            Some(s) => Ok(s.clone()),
-            None => Err(KvError::Unavailable {
-                reason: format!(
-                    "no store of {namespace}/{name} runs on this node (strong consistency is not served yet)"
-                ),
-            }),
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(s) = self.lock().get(&key) {
+            return Ok(s.clone());
         }
+        if self.strong_lock().contains_key(&key) {
+            let group =
+                GroupId::new(namespace, name).map_err(|e| KvError::Internal(e.to_string()))?;
+            return Ok(Arc::new(StrongKv {
+                groups: self.groups.clone(),
+                group,
+            }));
+        }
+        Err(KvError::Unavailable {
+            reason: format!("no store of {namespace}/{name} runs on this node"),
+        })
     }
 }
 

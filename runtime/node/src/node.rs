@@ -508,14 +508,18 @@ pub async fn start(
         }
         Driver::Process => crate::replica_api::Channel::Loopback,
     };
-    let consistency = Arc::new(crate::consistency::Consistency::new(
-        peer_id.to_base58(),
-        data_dir.clone(),
-        mesh.clone(),
-        metrics.scheduler.clone(),
-        metrics.state.clone(),
-        shutdown.clone(),
-    ));
+    let consistency = Arc::new(
+        crate::consistency::Consistency::open(
+            peer_id.to_base58(),
+            data_dir.clone(),
+            mesh.clone(),
+            metrics.scheduler.clone(),
+            metrics.state.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(NodeError::Config)?,
+    );
     let endpoints = Arc::new(crate::replica_api::Endpoints::new(
         &data_dir,
         channel,
@@ -766,6 +770,12 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                         Err(e) => reply.refuse(e),
                     }
                 });
+            } else if protocol == beemesh_state::raft::PROTOCOL {
+                let groups = shared.consistency.groups().clone();
+                tokio::spawn(async move {
+                    let answer = groups.handle_rpc(&peer.to_base58(), &data).await;
+                    reply.respond(answer);
+                });
             } else if protocol.starts_with("/beemesh/kv-sync/") {
                 match shared.consistency.reconcile(&protocol, &peer, data) {
                     Ok(()) => reply.respond(Vec::new()),
@@ -863,12 +873,14 @@ async fn state_peers_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let running = shared.consistency.running();
-        if running.is_empty() {
+        let eventual = shared.consistency.running();
+        let strong = shared.consistency.strong_running();
+        if eventual.is_empty() && strong.is_empty() {
             continue;
         }
-        let ids = running
+        let ids = eventual
             .iter()
+            .chain(&strong)
             .map(|(ns, name)| beemesh_scheduler::WorkloadId::new(ns, name))
             .collect();
         let statuses = placement::statuses(&shared.placement, &shared.mesh, &local, ids).await;
@@ -876,16 +888,41 @@ async fn state_peers_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             if !status.authoritative {
                 continue;
             }
-            let peers = status
-                .placements
-                .iter()
-                .map(|p| p.node.clone())
-                .filter(|n| *n != local)
-                .collect();
-            shared
-                .consistency
-                .set_peers(&w.namespace, &w.name, peers)
-                .await;
+            let key = (w.namespace.to_string(), w.name.to_string());
+            if strong.contains(&key) {
+                // The hosts of the current generation's replicas; complete when every
+                // replica is placed once (the voters follow only a complete picture).
+                let current: Vec<&str> = status
+                    .placements
+                    .iter()
+                    .filter(|p| {
+                        p.generation == status.generation
+                            && p.state != beemesh_scheduler::ReplicaState::Failed
+                    })
+                    .map(|p| p.node.as_str())
+                    .collect();
+                let hosts: std::collections::BTreeSet<String> =
+                    current.iter().map(|s| (*s).to_owned()).collect();
+                let complete =
+                    current.len() == status.replicas as usize && hosts.len() == current.len();
+                // Every node a replica of any generation is placed on takes part.
+                let placed_on = status.placements.iter().map(|p| p.node.clone()).collect();
+                shared
+                    .consistency
+                    .strong_placements(&w.namespace, &w.name, hosts, placed_on, complete)
+                    .await;
+            } else {
+                let peers = status
+                    .placements
+                    .iter()
+                    .map(|p| p.node.clone())
+                    .filter(|n| *n != local)
+                    .collect();
+                shared
+                    .consistency
+                    .set_peers(&w.namespace, &w.name, peers)
+                    .await;
+            }
         }
     }
 }

@@ -303,6 +303,10 @@ fn carry_out(
                 message,
                 reason,
             } => ctx.metrics.refused(&from, message, reason.as_str()),
+            Output::Bootstrap { workload, voters } => {
+                ctx.consistency
+                    .bootstrap(&workload.namespace, &workload.name, voters);
+            }
         }
     }
     if touched {
@@ -475,7 +479,13 @@ async fn reconcile_loop(
                     let Some(id) = by_driver_id.get(&driver_id) else {
                         continue;
                     };
+                    let ready = ctx
+                        .consistency
+                        .ready(&id.workload.namespace, &id.workload.name)
+                        .await;
                     let state = match result {
+                        // A strong replica runs once its node is a voter of the group.
+                        Ok(status) if status.state == DriverState::Running && !ready => None,
                         Ok(status) => match status.state {
                             DriverState::Running => Some(Reported::Running),
                             DriverState::Failed { reason } => Some(Reported::Failed(reason)),

@@ -190,3 +190,134 @@ async fn what_one_replica_writes_another_reads_eventually() {
         let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
     }
 }
+
+/// The `ETag` of a response head (the revision).
+fn etag(head: &str) -> Option<u64> {
+    head.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("etag:")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().trim_matches('"').parse().ok())
+}
+
+/// One HTTP request with its head: (status, head, body).
+async fn call_head(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("answered")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        head,
+        raw.get(split + 4..).unwrap_or_default().to_vec(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_workloads_replicas_read_every_acknowledged_write() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let (b, b_stop) = fleet.start("b", Some(&a)).await;
+    let (c, c_stop) = fleet.start("c", Some(&a)).await;
+    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
+        [placement]\nreplicas = 3\nspread = \"node\"\n\
+        [consistency]\nmode = \"strong\"\n\
+        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    b.shared
+        .apply(&fleet.signed_text(manifest))
+        .await
+        .expect("accepted");
+    let root = fleet.dir.path().to_owned();
+    let dirs: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|n| {
+            let root = root.clone();
+            (0..3).map(move |i| {
+                root.join(n)
+                    .join("data/replicas")
+                    .join(format!("bm_default_ledger_{i}"))
+            })
+        })
+        .collect();
+    // Running only once every host is a voter of the group.
+    let start = tokio::time::Instant::now();
+    let endpoints = loop {
+        let found: Vec<(String, String)> = dirs.iter().filter_map(|d| endpoint(d)).collect();
+        let (code, json) = get(&a.api_socket, "/v1/workloads/default/ledger").await;
+        let running = code == 200
+            && serde_json::from_str::<serde_json::Value>(&json).is_ok_and(|v| v["running"] == 3);
+        if found.len() == 3 && running {
+            break found;
+        }
+        assert!(start.elapsed() < DEADLINE, "3 replicas never ran: {json}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "the group formed and 3 replicas ran after {:?}",
+        start.elapsed()
+    );
+    for (i, (addr, token)) in endpoints.iter().enumerate() {
+        // Create-only: the key is absent.
+        let key = format!("/v1/kv/entry-{i}");
+        let (status, head, body) =
+            call_head(addr, token, "PUT", &key, "If-Match: \"0\"\r\n", b"v1").await;
+        assert_eq!(status, 200, "{head} {}", String::from_utf8_lossy(&body));
+        let revision = etag(&head).expect("a revision");
+        // Every other replica reads it at once (linearizable reads), at that revision.
+        for (other, (addr2, token2)) in endpoints.iter().enumerate() {
+            let (status, head, body) = call_head(addr2, token2, "GET", &key, "", b"").await;
+            assert_eq!(
+                (status, body.as_slice()),
+                (200, &b"v1"[..]),
+                "replica {other}"
+            );
+            assert_eq!(etag(&head), Some(revision), "replica {other}: {head}");
+        }
+        // A write expecting a stale revision is refused; the current one succeeds.
+        let stale = format!("If-Match: \"{}\"\r\n", revision + 100);
+        let (status, _, _) = call_head(addr, token, "PUT", &key, &stale, b"v2").await;
+        assert_eq!(status, 412);
+        let fresh = format!("If-Match: \"{revision}\"\r\n");
+        let (status, head, _) = call_head(addr, token, "PUT", &key, &fresh, b"v2").await;
+        assert_eq!(status, 200, "{head}");
+        assert!(etag(&head).expect("revision") > revision);
+    }
+    for s in [a_stop, b_stop, c_stop] {
+        s.cancel();
+    }
+    for n in [a, b, c] {
+        let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
+    }
+}

@@ -112,6 +112,8 @@ pub(crate) struct Pending<I> {
     pub node: I,
     pub epoch: u64,
     pub sig: Signature,
+    /// A strong workload's first voters, when this award is part of its first placement.
+    pub bootstrap: Vec<I>,
     pub spec: Arc<WorkloadSpec>,
     pub round: u64,
     pub deadline: Millis,
@@ -527,6 +529,7 @@ impl<I: NodeKey> Scheduler<I> {
                                     epoch: p.epoch,
                                     sig: p.sig,
                                 }],
+                                bootstrap: p.bootstrap.clone(),
                             }),
                         ));
                     } else {
@@ -936,12 +939,28 @@ impl<I: NodeKey> Scheduler<I> {
         }
         let placed: usize = winners.values().map(Vec::len).sum();
         if placed > 0 {
+            // A strong workload placed for the first time: no claim of it was ever seen
+            // (every epoch seen raises `next_epoch`), nothing was awarded before, and a
+            // coordinator that took it over waited out the takeover grace for reports. This
+            // round's hosts are its Raft group's first voters.
+            let first = spec.strong
+                && (c.fresh || now >= c.ready_at)
+                && c.next_epoch == 1
+                && c.slots
+                    .values()
+                    .all(|s| s.holder.is_none() && s.pending.is_none());
+            let bootstrap: Vec<I> = if first {
+                winners.keys().cloned().collect()
+            } else {
+                Vec::new()
+            };
             let epoch = c.next_epoch;
             c.next_epoch = c.next_epoch.saturating_add(1);
             for (node, idxs) in &winners {
                 let mut slots = Vec::with_capacity(idxs.len());
                 for &index in idxs {
-                    let (_, pending) = self.award(&spec, index, epoch, node, t.round, now);
+                    let (_, mut pending) = self.award(&spec, index, epoch, node, t.round, now);
+                    pending.bootstrap = bootstrap.clone();
                     slots.push(SlotAward {
                         index,
                         epoch,
@@ -962,6 +981,7 @@ impl<I: NodeKey> Scheduler<I> {
                         round: t.round,
                         workload: WorkloadRef::of(&spec),
                         slots,
+                        bootstrap: bootstrap.clone(),
                     }),
                 ));
             }
@@ -1153,11 +1173,13 @@ impl<I: NodeKey> Scheduler<I> {
             round,
             workload: WorkloadRef::of(spec),
             slots: vec![SlotAward { index, epoch, sig }],
+            bootstrap: Vec::new(),
         });
         let pending = Pending {
             node: host.clone(),
             epoch,
             sig,
+            bootstrap: Vec::new(),
             spec: spec.clone(),
             round,
             deadline: now + self.config.award_timeout,

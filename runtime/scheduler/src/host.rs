@@ -189,7 +189,7 @@ impl<I: NodeKey> Scheduler<I> {
         self.send(from, Message::Bid(bid));
     }
 
-    pub(crate) fn on_award(&mut self, from: &I, a: Award, now: Millis) {
+    pub(crate) fn on_award(&mut self, from: &I, a: Award<I>, now: Millis) {
         let w = a.workload.id.clone();
         if a.slots.is_empty() {
             return;
@@ -249,6 +249,8 @@ impl<I: NodeKey> Scheduler<I> {
         let mut accepted = false;
         let mut refused: Vec<SlotEpoch> = Vec::new();
         let mut reason = DeclineReason::Other;
+        // Where this award's outputs begin: the group is formed before a replica starts.
+        let first_output = self.out.len();
         for sa in a.slots {
             let free = self.free();
             let award = AwardProof {
@@ -336,6 +338,15 @@ impl<I: NodeKey> Scheduler<I> {
             self.held.remove(&w);
         }
         if accepted {
+            if spec.strong && a.bootstrap.contains(&self.local) {
+                self.out.insert(
+                    first_output,
+                    Output::Bootstrap {
+                        workload: w.clone(),
+                        voters: a.bootstrap.clone(),
+                    },
+                );
+            }
             self.report_workload(&w, Some(from));
         }
         if !refused.is_empty() {

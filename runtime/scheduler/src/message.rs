@@ -51,7 +51,7 @@ pub enum Message<I> {
     /// Candidate → coordinator: no (nothing is reserved).
     Decline(Decline),
     /// Coordinator → winner: run these replica indexes, under these signed epochs.
-    Award(Award),
+    Award(Award<I>),
     /// Coordinator → bidder that won nothing: drop the reservation now.
     Release(Release),
     /// Winner → coordinator: cannot take (some of) an award.
@@ -154,10 +154,15 @@ pub enum DeclineReason {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Award {
+#[serde(bound(serialize = "I: Serialize", deserialize = "I: Deserialize<'de>"))]
+pub struct Award<I> {
     pub round: u64,
     pub workload: WorkloadRef,
     pub slots: Vec<SlotAward>,
+    /// A strong workload's first placement: the hosts of this round's awards, which form its
+    /// Raft group as its first voters (empty otherwise: a later host joins the group).
+    #[serde(default = "Vec::new")]
+    pub bootstrap: Vec<I>,
 }
 
 /// One awarded replica slot, signed by the coordinator that sends it (see

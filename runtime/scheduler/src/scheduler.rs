@@ -73,6 +73,13 @@ pub enum Output<I> {
     /// `from` (anti-entropy) and feed it as [`Input::Workload`] once verified. The message
     /// waits (bounded) and is handled then. Rate-limited per (workload, generation).
     Fetch { from: I, workload: WorkloadRef },
+    /// This node accepted an award of a strong workload's first placement: `voters` (itself
+    /// among them) form the workload's Raft group. Any other host of a strong workload joins
+    /// the existing group instead; a group is never created a second time.
+    Bootstrap {
+        workload: WorkloadId,
+        voters: Vec<I>,
+    },
     /// A message was refused: count it and log it (at a bounded rate) with the sender.
     Refused {
         from: I,

@@ -251,6 +251,10 @@ pub struct WorkloadSpec {
     /// Replicas replaced at a time when a new generation arrives (at least 1 is used).
     #[serde(default = "one")]
     pub max_unavailable: u32,
+    /// `[consistency] mode = "strong"`: the replicas' hosts form a Raft group, whose first
+    /// voters the coordinator names in the workload's first awards.
+    #[serde(default)]
+    pub strong: bool,
 }
 
 fn one() -> u32 {
@@ -290,6 +294,7 @@ impl WorkloadSpec {
             resources: Resources::new(cpu, memory),
             reschedule_after: p.reschedule_after.as_millis(),
             max_unavailable: m.rollout.max_unavailable,
+            strong: m.consistency.mode == beemesh_manifest::workload::ConsistencyMode::Strong,
         })
     }
 

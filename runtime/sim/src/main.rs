@@ -294,7 +294,7 @@ impl Sim {
                     }
                     self.update(w);
                 }
-                Output::Persist(_) => {}
+                Output::Persist(_) | Output::Bootstrap { .. } => {}
                 Output::Fetch { workload, .. } => {
                     self.counts.fetched += 1;
                     if let Some(w) = workload_index(&workload.id) {
@@ -546,6 +546,7 @@ fn workload(rng: &mut StdRng, i: u32, total: u32) -> (WorkloadSpec, bool) {
         },
         reschedule_after: 10_000,
         max_unavailable: 1,
+        strong: false,
     };
     let r: u32 = rng.random_range(0..100);
     if r < 25 {

@@ -276,6 +276,7 @@ fn revokes_awards_and_tenders_count_only_from_the_coordinator() {
                 epoch: 99,
                 sig,
             }],
+            bootstrap: Vec::new(),
         }),
     );
     // A tender: nothing is reserved for it.

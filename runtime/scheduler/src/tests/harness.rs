@@ -133,6 +133,10 @@ pub struct Cluster {
     pub refusals: Vec<(Millis, u32, u32, &'static str, Refusal)>,
     /// Every fetch a node asked for: (time, node, from whom, workload).
     pub fetches: Vec<(Millis, u32, u32, WorkloadId)>,
+    /// Every Raft bootstrap a node was told to make: (time, node, workload, first voters).
+    pub bootstraps: Vec<(Millis, u32, WorkloadId, Vec<u32>)>,
+    /// Bootstraps that came after a replica of their workload had started on the node.
+    pub late_bootstraps: Vec<(u32, WorkloadId)>,
 }
 
 pub fn info(cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
@@ -162,6 +166,7 @@ pub fn spec(name: &str, replicas: u32, spread: Spread) -> WorkloadSpec {
         },
         reschedule_after: 3_000,
         max_unavailable: 1,
+        strong: false,
     }
 }
 
@@ -233,6 +238,8 @@ impl Cluster {
             sent: 0,
             refusals: Vec::new(),
             fetches: Vec::new(),
+            bootstraps: Vec::new(),
+            late_bootstraps: Vec::new(),
         }
     }
 
@@ -359,6 +366,14 @@ impl Cluster {
                     reason,
                 } => {
                     self.refusals.push((self.now, node, from, message, reason));
+                }
+                Output::Bootstrap { workload, voters } => {
+                    // The group must exist before a replica of it starts on this node.
+                    let n = &self.nodes[&node];
+                    if n.running.keys().any(|id| id.workload == workload) {
+                        self.late_bootstraps.push((node, workload.clone()));
+                    }
+                    self.bootstraps.push((self.now, node, workload, voters));
                 }
             }
         }

@@ -290,6 +290,7 @@ fn a_stale_revoke_does_not_stop_a_newer_claim() {
                     epoch: 5,
                     sig,
                 }],
+                bootstrap: Vec::new(),
             }),
         },
         10,
@@ -466,4 +467,43 @@ fn coordinator_among_agrees_with_every_scheduler_view() {
         crate::coordinator_among::<u32>(&crate::WorkloadId::new("a", "b"), &[]),
         None
     );
+}
+
+#[test]
+fn a_strong_workload_is_bootstrapped_once_by_its_first_hosts() {
+    let mut c = uniform(5);
+    settle(&mut c);
+    let mut w = spec("db", 3, Spread::Node);
+    w.strong = true;
+    c.submit(w.clone());
+    c.run_for(2_000);
+    c.assert_exact(&w.id);
+    let first: Vec<u32> = {
+        let mut v: Vec<u32> = c.running(&w.id).into_iter().map(|r| r.0).collect();
+        v.sort_unstable();
+        v
+    };
+    // Every first host was told to form the group, with the same voters: the first hosts.
+    let told: BTreeSet<u32> = c.bootstraps.iter().map(|b| b.1).collect();
+    assert_eq!(told, first.iter().copied().collect());
+    assert!(
+        c.bootstraps.iter().all(|b| b.3 == first),
+        "{:?}",
+        c.bootstraps
+    );
+    // Each host formed the group before its replica started (the replica needs the group).
+    assert!(c.late_bootstraps.is_empty(), "{:?}", c.late_bootstraps);
+    // A host dies: its replacement joins the group, which is never formed a second time.
+    let coord = c.coordinator(&w.id);
+    let victim = *first.iter().find(|n| **n != coord).unwrap();
+    c.kill(victim);
+    c.run_for(8_000);
+    c.assert_exact(&w.id);
+    assert_eq!(c.bootstraps.len(), 3, "{:?}", c.bootstraps);
+    // An eventual workload has no group.
+    let e = spec("cache", 2, Spread::Node);
+    c.submit(e.clone());
+    c.run_for(2_000);
+    c.assert_exact(&e.id);
+    assert!(c.bootstraps.iter().all(|b| b.2 == w.id));
 }

@@ -81,6 +81,10 @@ struct Group {
     released: Weak<redb::Database>,
     dir: PathBuf,
     bootstrap: Mutex<Option<JoinHandle<()>>>,
+    /// The leader that added this node as a learner: heard before this node knows the
+    /// membership, even when the workload's placement no longer names it (a leader moving
+    /// its own replica away leads until the move is committed).
+    introducer: Mutex<Option<String>>,
 }
 
 impl Group {
@@ -145,7 +149,27 @@ impl From<Error> for Exec {
     }
 }
 
+/// Who may take part in a group, in the receiving node's own view of its workload's
+/// placement. A peer's Raft message or forwarded request is served only when the peer is a
+/// member of the group as this node knows it, or a participant by this policy; only
+/// participants may be added as learners or voters, and a voter may be removed on a
+/// forwarded request only once it is no longer a participant.
+pub trait Participants: Send + Sync + 'static {
+    /// Whether `peer` hosts, or is about to host, a replica of `group`'s workload.
+    fn may_participate(&self, group: &GroupId, peer: &str) -> bool;
+}
+
+/// The policy of a node that was given none: no peer outside a group's membership takes part.
+struct Nobody;
+
+impl Participants for Nobody {
+    fn may_participate(&self, _: &GroupId, _: &str) -> bool {
+        false
+    }
+}
+
 struct Inner<T> {
+    participants: std::sync::RwLock<Arc<dyn Participants>>,
     local: String,
     local_id: NodeId,
     config: RaftConfig,
@@ -198,6 +222,7 @@ impl<T: RaftTransport> Groups<T> {
         let max = config.max_pending_forwards;
         let groups = Self {
             inner: Arc::new(Inner {
+                participants: std::sync::RwLock::new(Arc::new(Nobody)),
                 local: local_peer.to_string(),
                 local_id: node_id(local_peer),
                 config,
@@ -258,6 +283,16 @@ impl<T: RaftTransport> Groups<T> {
 
     /// The handler the in-memory transport delivers requests to (the node calls
     /// [`Self::handle_rpc`] directly).
+    /// Sets who, besides a group's members, may take part in it (see [`Participants`]).
+    /// Until it is set, nobody outside a group's membership does.
+    pub fn set_participants(&self, policy: Arc<dyn Participants>) {
+        let mut p = match self.inner.participants.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *p = policy;
+    }
+
     pub fn rpc_handler(&self) -> Arc<dyn RpcHandler> {
         self.inner.clone()
     }
@@ -332,6 +367,7 @@ impl<T: RaftTransport> Groups<T> {
             released: storage.released,
             dir,
             bootstrap: Mutex::new(None),
+            introducer: Mutex::new(None),
         }))
     }
 
@@ -477,14 +513,20 @@ impl<T: RaftTransport> Groups<T> {
         if m.voters.contains(&me) || m.learners.contains(&me) {
             return Ok(());
         }
-        self.leader_op(
-            &g,
-            LeaderOp::AddLearner { peer: me },
-            contacts,
-            self.deadline(),
-        )
-        .await
-        .map(|_| ())
+        let (_, leader) = self
+            .leader_op_at(
+                &g,
+                LeaderOp::AddLearner { peer: me },
+                contacts,
+                self.deadline(),
+            )
+            .await?;
+        let mut introducer = match g.introducer.lock() {
+            Ok(i) => i,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *introducer = Some(leader);
+        Ok(())
     }
 
     /// Adds `peer` as a learner (its node must have opened the group with
@@ -880,6 +922,19 @@ impl<T: RaftTransport> Groups<T> {
         contacts: &[String],
         deadline: Instant,
     ) -> Result<OpResult, Error> {
+        self.leader_op_at(g, op, contacts, deadline)
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`Self::leader_op`], also answering which node ran it.
+    async fn leader_op_at(
+        &self,
+        g: &Arc<Group>,
+        op: LeaderOp,
+        contacts: &[String],
+        deadline: Instant,
+    ) -> Result<(OpResult, String), Error> {
         let mut next_contact = 0usize;
         let mut redirect: Option<String> = None;
         let mut hops = 0usize;
@@ -910,7 +965,7 @@ impl<T: RaftTransport> Groups<T> {
             };
             if target == self.inner.local {
                 match self.exec_local(g, &op, deadline).await {
-                    Ok(r) => return Ok(r),
+                    Ok(r) => return Ok((r, target)),
                     Err(Exec::Fail(e)) => return Err(e),
                     Err(Exec::NotLeader(l)) => {
                         last = "this node is not the leader and knows of none".into();
@@ -923,7 +978,7 @@ impl<T: RaftTransport> Groups<T> {
                 continue;
             }
             match self.forward(g, &target, &op, deadline).await {
-                Ok(ForwardReply::Done(r)) => return Ok(r),
+                Ok(ForwardReply::Done(r)) => return Ok((r, target)),
                 Ok(ForwardReply::Failed(e)) => return Err(e),
                 Ok(ForwardReply::NotLeader { leader }) => {
                     last = format!("{target} is not the leader");
@@ -1246,6 +1301,14 @@ impl<T: RaftTransport> Groups<T> {
         }
     }
 
+    fn may_participate(&self, group: &GroupId, peer: &str) -> bool {
+        let policy = match self.inner.participants.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        policy.may_participate(group, peer)
+    }
+
     async fn serve(&self, from: &str, bytes: &[u8]) -> Response {
         let max = self.inner.config.max_rpc_bytes;
         if bytes.len() > max {
@@ -1264,6 +1327,46 @@ impl<T: RaftTransport> Groups<T> {
         let Ok(g) = self.group(&req.group) else {
             return Response::Refused(Refusal::UnknownGroup(req.group));
         };
+        // Only the group's members and its workload's hosts (in this node's own view) are
+        // heard: an admitted node that is neither cannot vote, lead, write or read here.
+        // Members of the effective configuration, and of the committed one: a leader that
+        // removes itself leads until the configuration without it is committed, and the
+        // followers must hear that commit from it.
+        let Ok((voter, member)) = g
+            .raft
+            .with_raft_state({
+                let from = from.to_string();
+                move |s| {
+                    let (mut voter, mut member) = (false, false);
+                    for m in [
+                        s.membership_state.effective().membership(),
+                        s.membership_state.committed().membership(),
+                    ] {
+                        let v = view(m);
+                        voter |= v.voters.contains(&from);
+                        member |= v.voters.contains(&from) || v.learners.contains(&from);
+                    }
+                    (voter, member)
+                }
+            })
+            .await
+        else {
+            return Response::Refused(Refusal::UnknownGroup(g.id.clone()));
+        };
+        let participates = |peer: &str| self.may_participate(&g.id, peer);
+        let introduced = !member && {
+            let i = match g.introducer.lock() {
+                Ok(i) => i,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            i.as_deref() == Some(from)
+        };
+        if !member && !introduced && !participates(from) {
+            return Response::Refused(Refusal::NotParticipant {
+                sender: from.to_string(),
+                group: g.id.clone(),
+            });
+        }
         let sender = node_id(from);
         let mismatch = |vote: &Vote<NodeId>| {
             let claimed = vote.leader_id().voted_for();
@@ -1300,6 +1403,35 @@ impl<T: RaftTransport> Groups<T> {
                 Response::InstallSnapshot(g.raft.install_snapshot(chunk.into()).await)
             }
             RequestBody::Forward { op, timeout_ms } => {
+                let not_allowed = |reason: &str| {
+                    Response::Refused(Refusal::NotAllowed {
+                        sender: from.to_string(),
+                        group: g.id.clone(),
+                        op: op.name().to_string(),
+                        reason: reason.to_string(),
+                    })
+                };
+                match &op {
+                    LeaderOp::AddLearner { peer } if peer != from && !voter => {
+                        return not_allowed("only a voter adds a learner other than itself");
+                    }
+                    LeaderOp::AddLearner { peer } | LeaderOp::AddVoter { peer }
+                        if !participates(peer) =>
+                    {
+                        return not_allowed(&format!(
+                            "{peer} hosts no replica of the workload in this node's view"
+                        ));
+                    }
+                    LeaderOp::AddVoter { .. } | LeaderOp::RemoveVoter { .. } if !voter => {
+                        return not_allowed("only a voter changes the voters");
+                    }
+                    LeaderOp::RemoveVoter { peer } if peer != from && participates(peer) => {
+                        return not_allowed(&format!(
+                            "{peer} still hosts a replica of the workload in this node's view"
+                        ));
+                    }
+                    _ => {}
+                }
                 let max = self.inner.config.max_pending_forwards;
                 let Ok(_permit) = self.inner.forward_in.clone().try_acquire_owned() else {
                     return Response::Refused(Refusal::Busy { max });

@@ -57,7 +57,7 @@ mod tests;
 
 pub use config::RaftConfig;
 pub use error::Error;
-pub use groups::{GroupStatus, Groups, Role};
+pub use groups::{GroupStatus, Groups, Participants, Role};
 pub use membership::{QuorumLost, quorum_lost};
 pub use memory::{MemoryNetwork, MemoryTransport};
 pub use network::{RaftTransport, TransportError};

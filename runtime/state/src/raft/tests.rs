@@ -32,7 +32,29 @@ fn peers(p: &[&str]) -> Vec<String> {
     p.iter().map(|s| s.to_string()).collect()
 }
 
+/// The workload's hosts as every node of a test cluster sees them: `None` lets every peer
+/// take part.
+#[derive(Default)]
+struct TestHosts(std::sync::Mutex<Option<std::collections::BTreeSet<String>>>);
+
+impl TestHosts {
+    fn set(&self, hosts: &[&str]) {
+        *self.0.lock().unwrap() = Some(hosts.iter().map(|h| h.to_string()).collect());
+    }
+}
+
+impl Participants for TestHosts {
+    fn may_participate(&self, _: &GroupId, peer: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|h| h.contains(peer))
+    }
+}
+
 struct Cluster {
+    hosts: Arc<TestHosts>,
     net: MemoryNetwork,
     dir: TempDir,
     config: RaftConfig,
@@ -42,6 +64,7 @@ struct Cluster {
 impl Cluster {
     async fn new(names: &[&str], config: RaftConfig) -> Self {
         let mut c = Self {
+            hosts: Arc::new(TestHosts::default()),
             net: MemoryNetwork::new(),
             dir: tempfile::tempdir().unwrap(),
             config,
@@ -66,6 +89,7 @@ impl Cluster {
         )
         .await
         .unwrap();
+        g.set_participants(self.hosts.clone());
         self.net.register(peer, g.rpc_handler());
         self.nodes.insert(peer.to_string(), g);
     }
@@ -409,6 +433,8 @@ async fn a_replica_moves_from_c_to_d_while_the_group_serves() {
     .unwrap();
     let s = c.node(A).status(&g).await.unwrap();
     assert_eq!(s.learners, vec![D.to_string()]);
+    // C's replica moved to D (in every node's view): only then may C be removed.
+    c.hosts.set(&[A, B, D]);
     within(
         "moving from {A,B,C} to {A,B,D}",
         Duration::from_secs(30),
@@ -466,6 +492,8 @@ async fn membership_steps_that_would_lose_the_majority_are_refused() {
     let two = group("two");
     c.create(&two, &[A, B]).await;
     c.leader(&two, &[A, B], Duration::from_secs(10)).await;
+    // B's replica is going away: it may be removed, if the group survives that.
+    c.hosts.set(&[A, C]);
     let e = c.node(A).remove_voter(&two, B).await.unwrap_err();
     assert!(
         e.to_string()
@@ -495,6 +523,7 @@ async fn membership_steps_that_would_lose_the_majority_are_refused() {
         "{e}"
     );
     // Removing the gone voter itself is fine and leaves {A, B} serving.
+    c.hosts.set(&[A, B]);
     c.node(B).remove_voter(&three, C).await.unwrap();
     c.node(B)
         .put(&three, "k2", b"v".to_vec(), None)
@@ -675,6 +704,106 @@ async fn requests_are_checked_before_they_reach_a_group() {
     ));
     // The term did not move: the forged vote never reached the group.
     assert!(c.node(A).status(&g).await.unwrap().term < 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_and_hosts_take_part_and_only_hosts_are_added() {
+    use super::types::KvCommand;
+    use super::wire::{LeaderOp, Refusal, Request, RequestBody, Response, decode_limited};
+    let c = Cluster::new(&[A, B, C, D], RaftConfig::for_tests()).await;
+    c.hosts.set(&[A, B, C]);
+    let g = group("db");
+    c.create(&g, &[A, B, C]).await;
+    let leader = c.leader(&g, &[A, B, C], Duration::from_secs(10)).await;
+    let member = [A, B, C].into_iter().find(|p| *p != leader).unwrap();
+    let max = c.config.max_rpc_bytes;
+    let ask = |from: &'static str, body: RequestBody| {
+        let node = c.node(&leader).clone();
+        let req = Request {
+            group: g.clone(),
+            body,
+        };
+        async move {
+            let bytes = super::store::encode(&req).unwrap();
+            let answer = node.handle_rpc(from, &bytes).await;
+            decode_limited::<Response>("response", &answer, max).unwrap()
+        }
+    };
+    let forward = |op| RequestBody::Forward {
+        op,
+        timeout_ms: 2_000,
+    };
+    let term = c.node(&leader).status(&g).await.unwrap().term;
+    // D is admitted to the mesh but hosts no replica: it cannot vote, write, read or join.
+    let vote = RequestBody::Vote(openraft::raft::VoteRequest {
+        vote: openraft::Vote::new(term + 10, node_id(D)),
+        last_log_id: None,
+    });
+    let write = LeaderOp::Write(KvCommand::Put {
+        key: "k".into(),
+        value: b"forged".to_vec(),
+        if_revision: None,
+    });
+    for body in [
+        vote,
+        forward(write.clone()),
+        forward(LeaderOp::ReadIndex),
+        forward(LeaderOp::AddLearner { peer: D.into() }),
+    ] {
+        assert!(
+            matches!(
+                ask(D, body).await,
+                Response::Refused(Refusal::NotParticipant { .. })
+            ),
+            "D was heard"
+        );
+    }
+    assert_eq!(c.node(&leader).status(&g).await.unwrap().term, term);
+    assert_eq!(c.node(&leader).get(&g, "k").await.unwrap(), None);
+    assert!(
+        c.node(D)
+            .join_as_learner(&g, &peers(&[A, B, C]))
+            .await
+            .is_err()
+    );
+    // A member may write, but not add a peer that hosts nothing, nor remove a host.
+    assert!(matches!(
+        ask(member, forward(write)).await,
+        Response::Forward(wire::ForwardReply::Done(_))
+    ));
+    for op in [
+        LeaderOp::AddLearner { peer: D.into() },
+        LeaderOp::AddVoter { peer: D.into() },
+        LeaderOp::RemoveVoter {
+            peer: [A, B, C]
+                .into_iter()
+                .find(|p| *p != leader && *p != member)
+                .unwrap()
+                .into(),
+        },
+    ] {
+        assert!(
+            matches!(
+                ask(member, forward(op)).await,
+                Response::Refused(Refusal::NotAllowed { .. })
+            ),
+            "a member moved the voters"
+        );
+    }
+    assert_eq!(
+        c.node(&leader).status(&g).await.unwrap().voters.len(),
+        3,
+        "the voters changed"
+    );
+    // Once D hosts a replica (in the nodes' view), it joins and the voters move to it.
+    c.hosts.set(&[A, B, C, D]);
+    within(
+        "D joins",
+        Duration::from_secs(20),
+        c.node(D).join_as_learner(&g, &peers(&[A, B, C])),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,6 +97,21 @@ pub enum LeaderOp {
     Membership,
 }
 
+impl LeaderOp {
+    /// What the operation does, for refusals and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LeaderOp::Write(_) => "write",
+            LeaderOp::ReadIndex => "confirm a read",
+            LeaderOp::AddLearner { .. } => "add a learner",
+            LeaderOp::Progress { .. } => "ask for a peer's progress",
+            LeaderOp::AddVoter { .. } => "add a voter",
+            LeaderOp::RemoveVoter { .. } => "remove a voter",
+            LeaderOp::Membership => "read the membership",
+        }
+    }
+}
+
 /// The leader's answer to a [`LeaderOp`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
@@ -179,6 +194,15 @@ pub enum Refusal {
     SnapshotTooLarge { offset: u64, max: u64 },
     #[error("busy: {max} forwarded requests are already being served")]
     Busy { max: usize },
+    #[error("{sender} is neither a member of group {group} nor one of its workload's hosts")]
+    NotParticipant { sender: String, group: GroupId },
+    #[error("{sender} may not {op} in group {group}: {reason}")]
+    NotAllowed {
+        sender: String,
+        group: GroupId,
+        op: String,
+        reason: String,
+    },
 }
 
 /// Encodes a message, refusing one larger than `max` bytes.
