@@ -145,8 +145,8 @@ pub fn get(client: &Client, kind: Kind, format: Format) -> anyhow::Result<()> {
     match kind {
         Kind::Workloads => {
             println!(
-                "{:<32} {:>4} {:>8} {:<19} PLACEMENTS",
-                "WORKLOAD", "GEN", "REPLICAS", "DIGEST"
+                "{:<32} {:>4} {:>8} {:<8} {:<19} PLACEMENTS",
+                "WORKLOAD", "GEN", "REPLICAS", "MODE", "DIGEST"
             );
             for w in &items {
                 let digest = str_of(w, "digest");
@@ -165,16 +165,18 @@ pub fn get(client: &Client, kind: Kind, format: Format) -> anyhow::Result<()> {
                     w["replicas"].to_string()
                 };
                 println!(
-                    "{:<32} {:>4} {:>8} {:<19} {}",
+                    "{:<32} {:>4} {:>8} {:<8} {:<19} {}{}",
                     format!("{}/{}", str_of(w, "namespace"), str_of(w, "name")),
                     w["generation"],
                     replicas,
+                    str_of(w, "consistency"),
                     short,
                     if placements.is_empty() {
                         "-".to_owned()
                     } else {
                         placements.join(" ")
-                    }
+                    },
+                    group_summary(w)
                 );
             }
         }
@@ -200,6 +202,44 @@ pub fn get(client: &Client, kind: Kind, format: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A strong workload's Raft group, after its placements: `  [leader b, term 3, voters a b c]`,
+/// or why it failed.
+fn group_summary(w: &Value) -> String {
+    if let Some(reason) = w["failed"].as_str() {
+        return format!("  [FAILED: {reason}]");
+    }
+    let g = &w["group"];
+    if g.is_null() {
+        return if w.get("group").is_some() {
+            "  [group: no host answered]".to_owned()
+        } else {
+            String::new()
+        };
+    }
+    let names = |k: &str| -> String {
+        g[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    let mut s = format!(
+        "  [leader {}, term {}, voters {}",
+        g["leader"].as_str().unwrap_or("none"),
+        g["term"],
+        names("voters")
+    );
+    let learners = names("learners");
+    if !learners.is_empty() {
+        s.push_str(&format!(", learners {learners}"));
+    }
+    s.push(']');
+    s
 }
 
 pub fn apply(client: &Client, a: &ApplyArgs, format: Format) -> anyhow::Result<()> {

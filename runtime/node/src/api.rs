@@ -128,6 +128,92 @@ async fn placements(s: &Shared, entries: &[(String, String)]) -> BTreeMap<Worklo
         .collect()
 }
 
+/// How long a host has to answer for its group's state.
+const GROUP_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Hosts asked, in turn, for a strong workload's group.
+const GROUP_STATUS_TRIES: usize = 3;
+
+/// The Raft group of each strong workload among `entries`, as this node or one of the hosts
+/// in `placed` sees it (`"group": null` when none answered).
+async fn groups(
+    s: &Shared,
+    entries: &[Entry],
+    placed: &BTreeMap<WorkloadId, Value>,
+) -> BTreeMap<WorkloadId, Value> {
+    use beemesh_manifest::workload::ConsistencyMode;
+    let live = crate::node::live_peers(s).await;
+    let names = names(s).await;
+    let name_of = |p: &String| names.get(p).cloned().unwrap_or_else(|| p.clone());
+    let asks = entries
+        .iter()
+        .filter(|e| e.manifest.consistency.mode == ConsistencyMode::Strong && !e.manifest.deleted)
+        .map(|e| {
+            let id = WorkloadId::new(&e.manifest.namespace, &e.manifest.name);
+            let hosts: Vec<String> = placed
+                .get(&id)
+                .and_then(|v| v["placements"].as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                .collect();
+            let (ns, name) = (e.manifest.namespace.clone(), e.manifest.name.clone());
+            let live = &live;
+            async move {
+                if let Some(v) = s.consistency.group_view(&ns, &name, live).await {
+                    return (id, Some(v));
+                }
+                let request = crate::consistency::group_status_request(&ns, &name);
+                let local = s.peer_id.to_base58();
+                for host in hosts
+                    .iter()
+                    .filter(|h| **h != local)
+                    .take(GROUP_STATUS_TRIES)
+                {
+                    let Ok(peer) = host.parse() else { continue };
+                    let ask =
+                        s.mesh
+                            .request(peer, crate::consistency::GROUP_STATUS, request.clone());
+                    if let Ok(Ok(bytes)) = tokio::time::timeout(GROUP_STATUS_TIMEOUT, ask).await
+                        && let Ok(v) =
+                            serde_json::from_slice::<crate::consistency::GroupView>(&bytes)
+                    {
+                        return (id, Some(v));
+                    }
+                }
+                (id, None)
+            }
+        });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .map(|(id, v)| {
+            let rendered = v.map_or(Value::Null, |v| {
+                json!({
+                    "seen_by": name_of(&v.node),
+                    "leader": v.leader.as_ref().map(name_of),
+                    "term": v.term,
+                    "voters": v.voters.iter().map(name_of).collect::<Vec<_>>(),
+                    "learners": v.learners.iter().map(name_of).collect::<Vec<_>>(),
+                    "commit_index": v.commit_index,
+                    "last_applied": v.last_applied,
+                    "quorum_lost": v.quorum_lost,
+                })
+            });
+            (id, rendered)
+        })
+        .collect()
+}
+
+/// A strong workload's group, and its failure when the group lost its quorum (it is never
+/// re-created empty: the operator decides, see docs/consistency.md).
+fn set_group(v: &mut Value, group: &Value) {
+    v["group"] = group.clone();
+    if let Some(reason) = group["quorum_lost"].as_str() {
+        v["failed"] = Value::String(reason.to_owned());
+    }
+}
+
 fn view(e: &Entry, with_signed: bool, placed: Option<&Value>) -> Value {
     let m = &e.manifest;
     let mut v = json!({
@@ -160,11 +246,16 @@ async fn workloads(State(s): State<Arc<Shared>>) -> Response {
         .map(|e| (e.manifest.namespace.clone(), e.manifest.name.clone()))
         .collect();
     let placed = placements(&s, &keys).await;
+    let groups = groups(&s, &entries, &placed).await;
     let list: Vec<Value> = entries
         .iter()
         .map(|e| {
             let id = WorkloadId::new(&e.manifest.namespace, &e.manifest.name);
-            view(e, false, placed.get(&id))
+            let mut v = view(e, false, placed.get(&id));
+            if let Some(g) = groups.get(&id) {
+                set_group(&mut v, g);
+            }
+            v
         })
         .collect();
     axum::Json(list).into_response()
@@ -178,8 +269,13 @@ async fn workload(
     match entry {
         Some(e) => {
             let placed = placements(&s, &[(namespace.clone(), name.clone())]).await;
+            let groups = groups(&s, std::slice::from_ref(&e), &placed).await;
             let id = WorkloadId::new(&namespace, &name);
-            axum::Json(view(&e, true, placed.get(&id))).into_response()
+            let mut v = view(&e, true, placed.get(&id));
+            if let Some(g) = groups.get(&id) {
+                set_group(&mut v, g);
+            }
+            axum::Json(v).into_response()
         }
         None => error(
             StatusCode::NOT_FOUND,

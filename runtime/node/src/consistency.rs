@@ -369,6 +369,43 @@ impl raft::Participants for StrongHosts {
     }
 }
 
+/// Where a node asks a host of a strong workload for its group's state (for operators).
+pub const GROUP_STATUS: &str = "/beemesh/group-status/1";
+
+/// The largest group-status request served (a namespace and a name).
+const MAX_GROUP_STATUS_REQUEST: usize = 1024;
+
+/// A strong workload's group as one of its hosts sees it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GroupView {
+    /// The host that answered (peer id).
+    pub node: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    pub commit_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    /// Set when a majority of the voters are gone from the mesh (as this host sees it):
+    /// "quorum lost: 2 of 3 voters gone".
+    pub quorum_lost: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GroupStatusRequest {
+    namespace: String,
+    name: String,
+}
+
+/// The request asking a host for a group's state.
+pub fn group_status_request(namespace: &str, name: &str) -> Vec<u8> {
+    serde_json::to_vec(&GroupStatusRequest {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+    .unwrap_or_default()
+}
+
 /// The stores of the workloads whose replicas run on this node.
 pub struct Consistency {
     hosts: Arc<StrongHosts>,
@@ -434,6 +471,65 @@ impl Consistency {
     /// The Raft groups of this node (for `/beemesh/raft/1` and status).
     pub fn groups(&self) -> &Groups<MeshRaft> {
         &self.groups
+    }
+
+    /// The workload's group as this node sees it, if this node has it. `live`: the peers the
+    /// mesh currently sees (besides this node).
+    pub async fn group_view(
+        &self,
+        namespace: &str,
+        name: &str,
+        live: &BTreeSet<String>,
+    ) -> Option<GroupView> {
+        let g = GroupId::new(namespace, name).ok()?;
+        if !self.has_group(&g) {
+            return None;
+        }
+        let s = self.groups.status(&g).await.ok()?;
+        if s.voters.is_empty() {
+            // Joining: it knows nothing of the group yet; a member answers instead.
+            return None;
+        }
+        // (A leader cut off from its followers goes on believing it leads: the mesh's view
+        // of who is gone decides.)
+        let quorum_lost = self
+            .groups
+            .quorum_check(&g, |p| p != self.local && !live.contains(p))
+            .await
+            .ok()
+            .flatten()
+            .map(|q| q.to_string());
+        Some(GroupView {
+            node: self.local.clone(),
+            leader: s.leader,
+            term: s.term,
+            voters: s.voters,
+            learners: s.learners,
+            commit_index: s.commit_index,
+            last_applied: s.last_applied,
+            quorum_lost,
+        })
+    }
+
+    /// Answers a peer's [`GROUP_STATUS`] request.
+    pub async fn serve_group_status(
+        &self,
+        data: &[u8],
+        live: &BTreeSet<String>,
+    ) -> Result<Vec<u8>, String> {
+        if data.len() > MAX_GROUP_STATUS_REQUEST {
+            return Err(format!(
+                "the request is {} bytes; at most {MAX_GROUP_STATUS_REQUEST}",
+                data.len()
+            ));
+        }
+        let req: GroupStatusRequest =
+            serde_json::from_slice(data).map_err(|e| format!("malformed request: {e}"))?;
+        let view = self
+            .group_view(&req.namespace, &req.name, live)
+            .await
+            .ok_or_else(|| format!("no group of {}/{} on this node", req.namespace, req.name))?;
+        serde_json::to_vec(&view).map_err(|e| e.to_string())
     }
 
     /// The coordinator named this node among the first voters of a strong workload's group.

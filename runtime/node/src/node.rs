@@ -776,6 +776,15 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                     let answer = groups.handle_rpc(&peer.to_base58(), &data).await;
                     reply.respond(answer);
                 });
+            } else if protocol == crate::consistency::GROUP_STATUS {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let live = live_peers(&shared).await;
+                    match shared.consistency.serve_group_status(&data, &live).await {
+                        Ok(bytes) => reply.respond(bytes),
+                        Err(e) => reply.refuse(e),
+                    }
+                });
             } else if protocol.starts_with("/beemesh/kv-sync/") {
                 match shared.consistency.reconcile(&protocol, &peer, data) {
                     Ok(()) => reply.respond(Vec::new()),
@@ -1101,6 +1110,16 @@ async fn make_driver(
         }
         Driver::Process => Ok(Arc::new(process_driver(cfg, config_path)?)),
     }
+}
+
+/// The peers the mesh sees now, by peer id.
+pub(crate) async fn live_peers(shared: &Shared) -> std::collections::BTreeSet<String> {
+    shared
+        .mesh
+        .peers()
+        .await
+        .map(|ps| ps.into_iter().map(|p| p.peer_id.to_base58()).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -321,3 +321,232 @@ async fn a_strong_workloads_replicas_read_every_acknowledged_write() {
         let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
     }
 }
+
+/// The workload's status from a node's API.
+async fn status(node: &beemesh_node::RunningNode, path: &str) -> serde_json::Value {
+    let (code, json) = get(&node.api_socket, path).await;
+    assert_eq!(code, 200, "{json}");
+    serde_json::from_str(&json).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_group_follows_its_replicas_when_a_host_leaves() {
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let mut others = Vec::new();
+    for n in ["b", "c", "d"] {
+        others.push((n, fleet.start(n, Some(&a)).await));
+    }
+    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
+        [placement]\nreplicas = 3\nspread = \"node\"\n\
+        [consistency]\nmode = \"strong\"\n\
+        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    a.shared
+        .apply(&fleet.signed_text(manifest))
+        .await
+        .expect("accepted");
+    let root = fleet.dir.path().to_owned();
+    let endpoint_of = |node: &str, index: u64| {
+        endpoint(
+            &root
+                .join(node)
+                .join("data/replicas")
+                .join(format!("bm_default_ledger_{index}")),
+        )
+    };
+    // (node, index) of each running replica, once 3 run and the group has 3 voters.
+    let path = "/v1/workloads/default/ledger";
+    let settled = |v: &serde_json::Value| -> Option<Vec<(String, u64)>> {
+        let placed: Vec<(String, u64)> = v["placements"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["state"] == "running")
+            .filter_map(|p| Some((p["node"].as_str()?.to_owned(), p["index"].as_u64()?)))
+            .collect();
+        let mut voters: Vec<String> = v["group"]["voters"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| Some(n.as_str()?.to_owned()))
+            .collect();
+        voters.sort();
+        let mut hosts: Vec<String> = placed.iter().map(|p| p.0.clone()).collect();
+        hosts.sort();
+        (placed.len() == 3 && voters == hosts && v["group"]["leader"].is_string()).then_some(placed)
+    };
+    let start = tokio::time::Instant::now();
+    let first = loop {
+        let v = status(&a, path).await;
+        if let Some(p) = settled(&v) {
+            break p;
+        }
+        assert!(start.elapsed() < DEADLINE, "never settled: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Acknowledged before the move.
+    let (node, index) = &first[0];
+    let (addr, token) = endpoint_of(node, *index).expect("endpoint");
+    let (code, _) = call(&addr, &token, "PUT", "/v1/kv/before", b"kept").await;
+    assert_eq!(code, 200);
+
+    // A host other than `a` (whose API the test reads) leaves the mesh.
+    let victim = first
+        .iter()
+        .map(|p| p.0.clone())
+        .find(|n| n != "a")
+        .expect("a host besides a");
+    let pos = others
+        .iter()
+        .position(|(n, _)| *n == victim)
+        .expect("victim");
+    let (_, (node, stop)) = others.remove(pos);
+    let victim_id = node.shared.peer_id.to_base58();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), node.join()).await;
+    let left = tokio::time::Instant::now();
+
+    // Its replica is placed on the fourth node, which joins the group; the voters follow.
+    let moved = loop {
+        let v = status(&a, path).await;
+        // (A node that left shows by its peer id once its name is forgotten.)
+        if let Some(p) = settled(&v)
+            && p.iter().all(|(n, _)| *n != victim && *n != victim_id)
+        {
+            break p;
+        }
+        assert!(left.elapsed() < 2 * DEADLINE, "the group never moved: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!(
+        "replica moved off {victim} and the voters followed after {:?}",
+        left.elapsed()
+    );
+    let newcomer = moved
+        .iter()
+        .find(|(n, _)| !first.iter().any(|(f, _)| f == n))
+        .expect("a new host");
+    let (addr, token) = endpoint_of(&newcomer.0, newcomer.1)
+        .unwrap_or_else(|| panic!("no endpoint of {newcomer:?} (first {first:?}, now {moved:?})"));
+    let (code, body) = call(&addr, &token, "GET", "/v1/kv/before", b"").await;
+    assert_eq!(
+        (code, body.as_slice()),
+        (200, &b"kept"[..]),
+        "the new host lost an acknowledged write"
+    );
+    let (code, _) = call(&addr, &token, "PUT", "/v1/kv/after", b"new").await;
+    assert_eq!(code, 200);
+
+    a_stop.cancel();
+    for (_, (_, s)) in &others {
+        s.cancel();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), a.join()).await;
+    for (_, (n, _)) in others {
+        let _ = tokio::time::timeout(Duration::from_secs(15), n.join()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_group_that_lost_its_quorum_is_reported_and_never_formed_again() {
+    let fleet = Fleet::new();
+    let (a, a_stop) = fleet.start("a", None).await;
+    let mut nodes = Vec::new();
+    for n in ["b", "c", "d"] {
+        nodes.push(fleet.start(n, Some(&a)).await);
+    }
+    nodes.insert(0, (a, a_stop));
+    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
+        [placement]\nreplicas = 3\nspread = \"node\"\n\
+        [consistency]\nmode = \"strong\"\n\
+        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    nodes[0]
+        .0
+        .shared
+        .apply(&fleet.signed_text(manifest))
+        .await
+        .expect("accepted");
+    let path = "/v1/workloads/default/ledger";
+    let start = tokio::time::Instant::now();
+    let voters: Vec<String> = loop {
+        let v = status(&nodes[0].0, path).await;
+        let voters: Vec<String> = v["group"]["voters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect();
+        if v["running"] == 3 && voters.len() == 3 {
+            break voters;
+        }
+        assert!(start.elapsed() < DEADLINE, "never ran: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Two of the three voters' nodes leave for good.
+    let keep = voters[0].clone();
+    let spare = nodes
+        .iter()
+        .map(|(n, _)| n.shared.name.clone())
+        .find(|n| !voters.contains(n))
+        .expect("a node without a replica");
+    let mut survivors = Vec::new();
+    for (node, stop) in nodes {
+        if node.shared.name == keep || node.shared.name == spare {
+            survivors.push((node, stop));
+        } else {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(15), node.join()).await;
+        }
+    }
+    let left = tokio::time::Instant::now();
+    let host = survivors
+        .iter()
+        .find(|(n, _)| n.shared.name == keep)
+        .map(|(n, _)| n)
+        .expect("the remaining voter");
+    let v = loop {
+        let v = status(host, path).await;
+        if v["failed"] == "quorum lost: 2 of 3 voters gone" {
+            break v;
+        }
+        assert!(left.elapsed() < DEADLINE, "quorum loss never reported: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!("reported after {:?}: {}", left.elapsed(), v["failed"]);
+    // The spare node may be given a replica, but no group is formed anew there: the state
+    // the lost voters hold is not replaced by an empty one.
+    let spare_node = survivors
+        .iter()
+        .find(|(n, _)| n.shared.name == spare)
+        .map(|(n, _)| n)
+        .expect("spare");
+    // Once the coordinator has noticed the lost hosts, only the remaining voter's replica
+    // runs; the spare's (if it was given one) cannot join and does not run.
+    loop {
+        let v = status(spare_node, path).await;
+        if v["running"] == 1 {
+            break;
+        }
+        assert!(left.elapsed() < 2 * DEADLINE, "{v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let watch = tokio::time::Instant::now();
+    while watch.elapsed() < Duration::from_secs(10) {
+        let v = status(spare_node, path).await;
+        // Every node reports the failure, and the group (as any member sees it) is the old
+        // one: its three voters, one of them the voter that remains.
+        assert_eq!(v["failed"], "quorum lost: 2 of 3 voters gone", "{v}");
+        let g = &v["group"]["voters"];
+        assert!(
+            g.as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().any(|n| n == keep.as_str())),
+            "a new group: {v}"
+        );
+        assert_eq!(v["running"], 1, "{v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (node, stop) in survivors {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), node.join()).await;
+    }
+}
