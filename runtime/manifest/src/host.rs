@@ -35,6 +35,8 @@ pub struct HostConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub sandbox: SandboxSection,
+    #[serde(default)]
+    pub consistency: ConsistencySection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +107,49 @@ impl Default for MeshSection {
             mdns: true,
             announce_interval: default_announce_interval(),
             peer_timeout: default_peer_timeout(),
+        }
+    }
+}
+
+/// Timing of the Raft groups of strong workloads (docs/consistency.md, "Timing"). The
+/// defaults suit a mesh of WAN links and small hosts; every node of a group should use the
+/// same values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencySection {
+    /// Leader heartbeat interval.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time between these starts an election.
+    #[serde(default = "default_election_timeout_min")]
+    pub election_timeout_min: Duration,
+    #[serde(default = "default_election_timeout_max")]
+    pub election_timeout_max: Duration,
+    /// Deadline of one read or write of a replica, and of one membership step.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration(500)
+}
+fn default_election_timeout_min() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_election_timeout_max() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for ConsistencySection {
+    fn default() -> Self {
+        Self {
+            heartbeat: default_heartbeat(),
+            election_timeout_min: default_election_timeout_min(),
+            election_timeout_max: default_election_timeout_max(),
+            request_timeout: default_request_timeout(),
         }
     }
 }
@@ -319,6 +364,42 @@ impl HostConfig {
             );
         }
 
+        let c = root.key("consistency");
+        let (hb, min, max, req) = (
+            self.consistency.heartbeat.as_millis(),
+            self.consistency.election_timeout_min.as_millis(),
+            self.consistency.election_timeout_max.as_millis(),
+            self.consistency.request_timeout.as_millis(),
+        );
+        if !(10..=60_000).contains(&hb) {
+            p.push(c.key("heartbeat"), "must be 10ms to 60s");
+        }
+        if min < 3 * hb {
+            p.push(
+                c.key("election_timeout_min"),
+                format!(
+                    "{} must be at least three heartbeats ({}ms), or a few late heartbeats depose a healthy leader",
+                    self.consistency.election_timeout_min,
+                    3 * hb
+                ),
+            );
+        }
+        if max <= min || max > 600_000 {
+            p.push(
+                c.key("election_timeout_max"),
+                format!(
+                    "{} must be longer than election_timeout_min ({}) and at most 10m",
+                    self.consistency.election_timeout_max, self.consistency.election_timeout_min
+                ),
+            );
+        }
+        if req < hb || req > 600_000 {
+            p.push(
+                c.key("request_timeout"),
+                "must be at least one heartbeat and at most 10m",
+            );
+        }
+
         let trust = root.key("trust");
         for (key, path) in [
             ("ticket", &self.trust.ticket),
@@ -416,6 +497,39 @@ mod tests {
         assert_eq!(c.resources.reserve.memory, Memory(256 << 20));
         let again = HostConfig::from_toml("again", &c.to_toml()).expect("round trip");
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn raft_timings_are_checked_against_each_other() {
+        let c = HostConfig::from_toml("h.toml", &minimal()).expect("valid");
+        assert_eq!(c.consistency.heartbeat, Duration(500));
+        assert_eq!(c.consistency.election_timeout_max, Duration::from_secs(4));
+        let text = format!(
+            "{}[consistency]\nheartbeat = \"1s\"\nelection_timeout_min = \"2s\"\nelection_timeout_max = \"2s\"\nrequest_timeout = \"100ms\"\n",
+            minimal()
+        );
+        let e = HostConfig::from_toml("h.toml", &text).expect_err("invalid");
+        let keys: Vec<_> = e.diagnostics.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "consistency.election_timeout_min",
+                "consistency.election_timeout_max",
+                "consistency.request_timeout"
+            ],
+            "{e:?}"
+        );
+        assert!(
+            e.diagnostics[0]
+                .reason
+                .contains("three heartbeats (3000ms)"),
+            "{e}"
+        );
+        let fast = format!(
+            "{}[consistency]\nheartbeat = \"150ms\"\nelection_timeout_min = \"1s\"\nelection_timeout_max = \"2s\"\n",
+            minimal()
+        );
+        HostConfig::from_toml("h.toml", &fast).expect("a faster mesh");
     }
 
     #[test]

@@ -406,6 +406,19 @@ pub fn group_status_request(namespace: &str, name: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// The Raft settings of host.toml's `[consistency]` section (validated with the host config;
+/// the rest keep their defaults).
+pub fn raft_config(c: &beemesh_manifest::host::ConsistencySection) -> raft::RaftConfig {
+    raft::RaftConfig {
+        heartbeat_ms: c.heartbeat.as_millis(),
+        election_timeout_min_ms: c.election_timeout_min.as_millis(),
+        election_timeout_max_ms: c.election_timeout_max.as_millis(),
+        request_timeout_ms: c.request_timeout.as_millis(),
+        install_snapshot_timeout_ms: (2 * c.heartbeat.as_millis()).max(10_000),
+        ..raft::RaftConfig::default()
+    }
+}
+
 /// The stores of the workloads whose replicas run on this node.
 pub struct Consistency {
     hosts: Arc<StrongHosts>,
@@ -422,12 +435,15 @@ pub struct Consistency {
     /// Strong workloads this node no longer hosts: their group is removed here once the
     /// leader has taken this node out of its voters.
     leaving: Mutex<BTreeSet<Key>>,
+    /// The leader each group had when last observed (for the leader-change counter).
+    leaders: Mutex<BTreeMap<Key, Option<String>>>,
     shutdown: CancellationToken,
 }
 
 impl Consistency {
     /// Opens this node's Raft groups (those it hosted before a restart come back).
     pub async fn open(
+        config: raft::RaftConfig,
         local: String,
         data_dir: PathBuf,
         mesh: MeshHandle,
@@ -435,14 +451,9 @@ impl Consistency {
         state_metrics: StateMetrics,
         shutdown: CancellationToken,
     ) -> Result<Self, String> {
-        let groups = Groups::open(
-            &local,
-            &data_dir,
-            raft::RaftConfig::default(),
-            MeshRaft { mesh: mesh.clone() },
-        )
-        .await
-        .map_err(|e| format!("the Raft groups under {}: {e}", data_dir.display()))?;
+        let groups = Groups::open(&local, &data_dir, config, MeshRaft { mesh: mesh.clone() })
+            .await
+            .map_err(|e| format!("the Raft groups under {}: {e}", data_dir.display()))?;
         let hosts = Arc::new(StrongHosts::default());
         groups.set_participants(hosts.clone());
         for (g, e) in groups.open_failures() {
@@ -464,6 +475,7 @@ impl Consistency {
             strong: Mutex::new(BTreeMap::new()),
             bootstraps: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(BTreeSet::new()),
+            leaders: Mutex::new(BTreeMap::new()),
             shutdown,
         })
     }
@@ -509,6 +521,50 @@ impl Consistency {
             last_applied: s.last_applied,
             quorum_lost,
         })
+    }
+
+    /// Brings the Raft metrics of the groups on this node up to date.
+    pub async fn observe_groups(&self) {
+        let keys: Vec<Key> = self.strong_running();
+        for (ns, name) in keys {
+            let Ok(g) = GroupId::new(&ns, &name) else {
+                continue;
+            };
+            let Ok(s) = self.groups.status(&g).await else {
+                continue;
+            };
+            let workload = format!("{ns}/{name}");
+            let l = crate::metrics::WorkloadLabels {
+                workload: workload.clone(),
+            };
+            let m = &self.state_metrics;
+            let set = |f: &prometheus_client::metrics::family::Family<
+                crate::metrics::WorkloadLabels,
+                prometheus_client::metrics::gauge::Gauge,
+            >,
+                       v: u64| {
+                f.get_or_create(&l)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            set(&m.raft_commit_index, s.commit_index.unwrap_or(0));
+            set(&m.raft_term, s.term);
+            set(&m.raft_is_leader, u64::from(s.role == Role::Leader));
+            set(&m.raft_voters, s.voters.len() as u64);
+            set(
+                &m.raft_apply_lag,
+                s.commit_index
+                    .unwrap_or(0)
+                    .saturating_sub(s.last_applied.unwrap_or(0)),
+            );
+            let changed = {
+                let mut last = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+                let before = last.insert((ns, name), s.leader.clone());
+                matches!(before, Some(b) if b != s.leader) && s.leader.is_some()
+            };
+            if changed {
+                m.raft_leader_changes.get_or_create(&l).inc();
+            }
+        }
     }
 
     /// Answers a peer's [`GROUP_STATUS`] request.
@@ -703,6 +759,12 @@ impl Consistency {
     pub async fn remove_data(&self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
         self.hosts.lock().remove(&key);
+        self.leaders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.state_metrics
+            .forget_group(&format!("{namespace}/{name}"));
         self.leaving
             .lock()
             .unwrap_or_else(|p| p.into_inner())

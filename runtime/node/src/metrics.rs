@@ -50,9 +50,33 @@ pub struct StateMetrics {
     pub full_exchanges: Family<WorkloadLabels, Counter>,
     pub refused_timestamps: Family<WorkloadLabels, Counter>,
     pub refused_messages: Family<WorkloadLabels, Counter>,
+    /// Strong workloads' Raft groups on this node.
+    pub raft_commit_index: Family<WorkloadLabels, Gauge>,
+    pub raft_term: Family<WorkloadLabels, Gauge>,
+    pub raft_is_leader: Family<WorkloadLabels, Gauge>,
+    pub raft_voters: Family<WorkloadLabels, Gauge>,
+    pub raft_apply_lag: Family<WorkloadLabels, Gauge>,
+    pub raft_leader_changes: Family<WorkloadLabels, Counter>,
 }
 
 impl StateMetrics {
+    /// Drops the Raft series of a group no longer on this node.
+    pub fn forget_group(&self, workload: &str) {
+        let l = WorkloadLabels {
+            workload: workload.to_owned(),
+        };
+        for f in [
+            &self.raft_commit_index,
+            &self.raft_term,
+            &self.raft_is_leader,
+            &self.raft_voters,
+            &self.raft_apply_lag,
+        ] {
+            f.remove(&l);
+        }
+        self.raft_leader_changes.remove(&l);
+    }
+
     /// Brings the series of `workload` to `now` (counters advance by what changed since
     /// `last`).
     pub fn observe(
@@ -237,6 +261,31 @@ impl Metrics {
                 "Bytes (keys, values, overhead) of each eventual store on this node",
                 &state.bytes,
             ),
+            (
+                "raft_commit_index",
+                "Commit index of each strong workload's Raft group, as this node knows it",
+                &state.raft_commit_index,
+            ),
+            (
+                "raft_term",
+                "Current term of each strong workload's Raft group on this node",
+                &state.raft_term,
+            ),
+            (
+                "raft_is_leader",
+                "1 when this node leads the strong workload's Raft group",
+                &state.raft_is_leader,
+            ),
+            (
+                "raft_voters",
+                "Voters of each strong workload's Raft group",
+                &state.raft_voters,
+            ),
+            (
+                "raft_apply_lag",
+                "Committed entries not yet applied to this node's copy of the state",
+                &state.raft_apply_lag,
+            ),
         ] {
             registry.register(name, help, family.clone());
         }
@@ -275,6 +324,11 @@ impl Metrics {
                 "state_refused_messages",
                 "Deltas and reconciliation messages refused (not a host, malformed, rate)",
                 &state.refused_messages,
+            ),
+            (
+                "raft_leader_changes",
+                "Leader changes this node saw in each strong workload's Raft group",
+                &state.raft_leader_changes,
             ),
         ] {
             registry.register(name, help, family.clone());

@@ -510,6 +510,7 @@ pub async fn start(
     };
     let consistency = Arc::new(
         crate::consistency::Consistency::open(
+            crate::consistency::raft_config(&cfg.consistency),
             peer_id.to_base58(),
             data_dir.clone(),
             mesh.clone(),
@@ -882,6 +883,7 @@ async fn state_peers_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
+        shared.consistency.observe_groups().await;
         let eventual = shared.consistency.running();
         let strong = shared.consistency.strong_running();
         if eventual.is_empty() && strong.is_empty() {

@@ -314,6 +314,26 @@ async fn a_strong_workloads_replicas_read_every_acknowledged_write() {
         assert_eq!(status, 200, "{head}");
         assert!(etag(&head).expect("revision") > revision);
     }
+    // Each host shows the group in its metrics: three voters, one leader among them.
+    let metrics_from = tokio::time::Instant::now();
+    loop {
+        let mut voters = 0;
+        let mut leaders = 0;
+        for n in [&a, &b, &c] {
+            let (_, m) = get(&n.api_socket, "/metrics").await;
+            voters += usize::from(m.contains("beemesh_raft_voters{workload=\"default/ledger\"} 3"));
+            leaders +=
+                usize::from(m.contains("beemesh_raft_is_leader{workload=\"default/ledger\"} 1"));
+        }
+        if voters == 3 && leaders == 1 {
+            break;
+        }
+        assert!(
+            metrics_from.elapsed() < DEADLINE,
+            "{voters} hosts show 3 voters, {leaders} lead"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     for s in [a_stop, b_stop, c_stop] {
         s.cancel();
     }
