@@ -67,6 +67,7 @@
 //! - The budget counts search steps (one step: one event of the list examined) and time,
 //!   for the whole check including the shrinking.
 
+mod acked;
 mod history;
 mod model;
 mod search;
@@ -75,6 +76,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use acked::{AckReport, LostWrite, check_acknowledged_writes};
 pub use history::{
     CallId, ClientId, History, HistoryError, Input, OpId, Operation, Output, Recorder, Response,
 };
