@@ -42,7 +42,8 @@ pub(crate) trait Model {
 
     /// Whether `op` (with an unknown outcome) may still take effect in `state` or in a state
     /// reached from it; `false` only when it never can. The search then no longer tells apart
-    /// configurations that differ only in whether `op` was linearized.
+    /// configurations that differ only in whether `op` was linearized. Must be monotone in
+    /// [`covers`](Self::covers): what is live after `b` is live after any `a` covering it.
     fn live(&self, _state: &Self::State, _op: &Self::Op) -> bool {
         true
     }
