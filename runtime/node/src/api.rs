@@ -160,28 +160,51 @@ async fn groups(
             let (ns, name) = (e.manifest.namespace.clone(), e.manifest.name.clone());
             let live = &live;
             async move {
-                if let Some(v) = s.consistency.group_view(&ns, &name, live).await {
-                    return (id, Some(v));
+                let own = s.consistency.group_view(&ns, &name, live).await;
+                // The leader's own view is the one that is current; a follower's, or that of
+                // a node removed while it was down, may lag.
+                if own
+                    .as_ref()
+                    .is_some_and(|v| v.leader.as_ref() == Some(&v.node))
+                {
+                    return (id, own);
                 }
                 let request = crate::consistency::group_status_request(&ns, &name);
                 let local = s.peer_id.to_base58();
-                for host in hosts
+                let asks = hosts
                     .iter()
                     .filter(|h| **h != local)
                     .take(GROUP_STATUS_TRIES)
-                {
-                    let Ok(peer) = host.parse() else { continue };
-                    let ask =
-                        s.mesh
-                            .request(peer, crate::consistency::GROUP_STATUS, request.clone());
-                    if let Ok(Ok(bytes)) = tokio::time::timeout(GROUP_STATUS_TIMEOUT, ask).await
-                        && let Ok(v) =
-                            serde_json::from_slice::<crate::consistency::GroupView>(&bytes)
-                    {
-                        return (id, Some(v));
-                    }
-                }
-                (id, None)
+                    .filter_map(|h| h.parse().ok())
+                    .map(|peer| {
+                        let ask =
+                            s.mesh
+                                .request(peer, crate::consistency::GROUP_STATUS, request.clone());
+                        async move {
+                            match tokio::time::timeout(GROUP_STATUS_TIMEOUT, ask).await {
+                                Ok(Ok(bytes)) => {
+                                    serde_json::from_slice::<crate::consistency::GroupView>(&bytes)
+                                        .ok()
+                                }
+                                _ => None,
+                            }
+                        }
+                    });
+                let mut views: Vec<crate::consistency::GroupView> =
+                    futures_util::future::join_all(asks)
+                        .await
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                views.extend(own);
+                let best = views.into_iter().max_by_key(|v| {
+                    (
+                        v.leader.as_ref() == Some(&v.node),
+                        v.leader.is_some(),
+                        v.term,
+                    )
+                });
+                (id, best)
             }
         });
     futures_util::future::join_all(asks)

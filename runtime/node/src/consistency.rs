@@ -230,10 +230,7 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 
 /// A strong workload on this node.
 #[derive(Default)]
-struct Strong {
-    /// A membership change is under way (this node leads the group).
-    changing: Arc<std::sync::atomic::AtomicBool>,
-}
+struct Strong {}
 
 /// A strong workload's store, as one of its replicas sees it: the workload's Raft group.
 pub struct StrongKv {
@@ -406,6 +403,40 @@ pub fn group_status_request(namespace: &str, name: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// One step of moving a group's voters to `target`, as its leader `local` sees the group:
+/// every target host, once it joined as a learner, becomes a voter (when caught up); only
+/// when all are voters are the voters outside the target removed, this node last (a leader
+/// leaving steps down once its removal is committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Promote(String),
+    Remove(String),
+}
+
+fn next_step(
+    local: &str,
+    voters: &[String],
+    learners: &[String],
+    target: &BTreeSet<String>,
+) -> Option<Step> {
+    if let Some(h) = target
+        .iter()
+        .find(|h| !voters.contains(h) && learners.contains(h))
+    {
+        return Some(Step::Promote(h.clone()));
+    }
+    if target.iter().any(|h| !voters.contains(h)) {
+        // A new host joins by itself (it asks the leader, and so learns who the leader is
+        // before the log reaches it); nothing is removed meanwhile.
+        return None;
+    }
+    if let Some(v) = voters.iter().find(|v| !target.contains(*v) && *v != local) {
+        return Some(Step::Remove(v.clone()));
+    }
+    (voters.iter().any(|v| v == local) && !target.contains(local))
+        .then(|| Step::Remove(local.to_owned()))
+}
+
 /// The Raft settings of host.toml's `[consistency]` section (validated with the host config;
 /// the rest keep their defaults).
 pub fn raft_config(c: &beemesh_manifest::host::ConsistencySection) -> raft::RaftConfig {
@@ -418,6 +449,37 @@ pub fn raft_config(c: &beemesh_manifest::host::ConsistencySection) -> raft::Raft
         ..raft::RaftConfig::default()
     }
 }
+
+/// The eventual stores under `data_dir/state/<namespace>/<name>` (a bounded scan: at most
+/// [`MAX_STORES_SCANNED`] directories).
+fn stores_on_disk(data_dir: &std::path::Path) -> Vec<Key> {
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .take(MAX_STORES_SCANNED)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let root = data_dir.join("state");
+    let mut out = Vec::new();
+    for ns in names(&root) {
+        for name in names(&root.join(&ns)) {
+            if out.len() >= MAX_STORES_SCANNED {
+                return out;
+            }
+            out.push((ns.clone(), name));
+        }
+    }
+    out
+}
+
+/// Most store directories one scan looks at.
+const MAX_STORES_SCANNED: usize = 4096;
 
 /// The stores of the workloads whose replicas run on this node.
 pub struct Consistency {
@@ -435,6 +497,8 @@ pub struct Consistency {
     /// Strong workloads this node no longer hosts: their group is removed here once the
     /// leader has taken this node out of its voters.
     leaving: Mutex<BTreeSet<Key>>,
+    /// Groups whose voters this node (their leader) is moving: one step at a time.
+    moving: Arc<Mutex<BTreeSet<Key>>>,
     /// The leader each group had when last observed (for the leader-change counter).
     leaders: Mutex<BTreeMap<Key, Option<String>>>,
     shutdown: CancellationToken,
@@ -476,6 +540,7 @@ impl Consistency {
             bootstraps: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(BTreeSet::new()),
             leaders: Mutex::new(BTreeMap::new()),
+            moving: Arc::new(Mutex::new(BTreeSet::new())),
             shutdown,
         })
     }
@@ -620,10 +685,12 @@ impl Consistency {
         let Ok(g) = GroupId::new(namespace, name) else {
             return false;
         };
+        // A voter that hears a leader: a node removed while it was down still lists itself
+        // among the voters it remembers, but no leader speaks to it.
         self.groups
             .status(&g)
             .await
-            .is_ok_and(|s| s.voters.contains(&self.local))
+            .is_ok_and(|s| s.voters.contains(&self.local) && s.leader.is_some())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Arc<EventualStore>>> {
@@ -742,7 +809,30 @@ impl Consistency {
                 .filter_map(|k| map.remove(&k).map(|s| (k, s)))
                 .collect()
         };
-        let mut stopped = Vec::with_capacity(gone.len());
+        // Groups and stores on disk from before a restart, of workloads none of whose
+        // replicas runs here now: a group is left like any other (removed once this node is
+        // no longer a voter, or when the workload is deleted); a store only when deleted
+        // (the caller removes the data of deleted workloads among those returned).
+        let hosted: BTreeSet<Key> = self.strong_lock().keys().cloned().collect();
+        let mut orphans: Vec<Key> = self
+            .groups
+            .list_groups()
+            .into_iter()
+            .map(|g| (g.namespace, g.name))
+            .filter(|k| !wanted.contains(k) && !hosted.contains(k) && !left.contains(k))
+            .collect();
+        {
+            let mut leaving = self.leaving.lock().unwrap_or_else(|p| p.into_inner());
+            leaving.extend(orphans.iter().cloned());
+        }
+        let running: BTreeSet<Key> = self.lock().keys().cloned().collect();
+        orphans.extend(
+            stores_on_disk(&self.data_dir)
+                .into_iter()
+                .filter(|k| !wanted.contains(k) && !running.contains(k)),
+        );
+        let mut stopped = Vec::with_capacity(gone.len() + orphans.len());
+        stopped.extend(orphans);
         for ((ns, name), s) in gone {
             s.stop.cancel();
             let topic = eventual::delta_topic(&ns, &name);
@@ -797,9 +887,10 @@ impl Consistency {
     }
 
     /// A strong workload's placements as its coordinator reports them (`complete`: every
-    /// replica placed): joins the group if this node is a new host, makes the group's voters
-    /// follow the placements if this node leads it, and removes the group here once this
-    /// node left it.
+    /// replica placed, on distinct hosts): joins the group if this node is a new host, takes
+    /// one step of moving the group's voters to the hosts if this node leads it (every tick
+    /// recomputes the next step from the placements of that moment, so a move never follows
+    /// a stale picture), and removes the group here once this node left it.
     pub async fn strong_placements(
         &self,
         namespace: &str,
@@ -820,57 +911,89 @@ impl Consistency {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&key);
-        if leaving {
-            // Gone from the voters (or never joined): nothing of it is needed here any more.
-            let still_voter = self
-                .groups
-                .status(&g)
-                .await
-                .is_ok_and(|s| s.voters.contains(&self.local));
-            if !still_voter && !hosts.contains(&self.local) {
-                self.remove_data(namespace, name).await;
-            }
+        let hosted = self.strong_lock().contains_key(&key);
+        if !leaving && !hosted {
             return;
         }
-        let Some(changing) = self.strong_lock().get(&key).map(|s| s.changing.clone()) else {
-            return;
-        };
-        if !self.has_group(&g) {
-            let contacts: Vec<String> = hosts
-                .iter()
-                .filter(|h| **h != self.local)
-                .cloned()
-                .collect();
-            if contacts.is_empty() {
+        // Not in the group as far as this node knows: (again) ask to join, which also tells
+        // this node who leads (a first attempt may have opened the group and then failed).
+        let knows_itself =
+            match self.has_group(&g) {
+                false => false,
+                true => self.groups.status(&g).await.is_ok_and(|s| {
+                    s.voters.contains(&self.local) || s.learners.contains(&self.local)
+                }),
+            };
+        if !knows_itself {
+            if !leaving {
+                self.join(&g, namespace, name, &hosts).await;
                 return;
             }
-            match self.groups.join_as_learner(&g, &contacts).await {
-                Ok(()) => {
-                    tracing::info!(workload = %format!("{namespace}/{name}"), "joining the Raft group as a learner")
-                }
-                Err(e) => tracing::debug!("joining the Raft group of {namespace}/{name}: {e}"),
+            if !self.has_group(&g) {
+                return;
             }
-            return;
         }
         let Ok(status) = self.groups.status(&g).await else {
             return;
         };
+        let member = status.voters.contains(&self.local) || status.learners.contains(&self.local);
+        if leaving && !member && !hosts.contains(&self.local) {
+            // Gone from the group: nothing of it is needed here any more.
+            self.remove_data(namespace, name).await;
+            return;
+        }
         if status.role != Role::Leader || !complete {
             return;
         }
-        let target: Vec<String> = hosts.into_iter().collect();
-        if target == status.voters || changing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let Some(step) = next_step(&self.local, &status.voters, &status.learners, &hosts) else {
             return;
+        };
+        if !self
+            .moving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return; // the previous step is still under way
         }
         let groups = self.groups.clone();
+        let moving = self.moving.clone();
         let workload = format!("{namespace}/{name}");
         tokio::spawn(async move {
-            tracing::info!(%workload, from = ?status.voters, to = ?target, "moving the Raft group's voters");
-            if let Err(e) = groups.change_voters(&g, &target, CATCH_UP).await {
-                tracing::warn!(%workload, "moving the Raft group's voters: {e}");
+            tracing::info!(%workload, voters = ?status.voters, ?step, "moving the Raft group's voters");
+            let done = match &step {
+                Step::Promote(p) => groups.promote(&g, p, CATCH_UP).await,
+                Step::Remove(p) => groups.remove_voter(&g, p).await,
+            };
+            if let Err(e) = done {
+                tracing::warn!(%workload, ?step, "moving the Raft group's voters: {e}");
             }
-            changing.store(false, std::sync::atomic::Ordering::SeqCst);
+            moving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
         });
+    }
+
+    /// Asks the group's leader, through the other hosts, to add this node as a learner.
+    async fn join(&self, g: &GroupId, namespace: &str, name: &str, hosts: &BTreeSet<String>) {
+        let contacts: Vec<String> = hosts
+            .iter()
+            .filter(|h| **h != self.local)
+            .cloned()
+            .collect();
+        if contacts.is_empty() {
+            return;
+        }
+        match self.groups.join_as_learner(g, &contacts).await {
+            Ok(()) => {
+                tracing::info!(workload = %format!("{namespace}/{name}"), "joined the Raft group as a learner")
+            }
+            Err(e) => tracing::info!(
+                workload = %format!("{namespace}/{name}"),
+                "joining the Raft group (tried again in a moment): {e}"
+            ),
+        }
     }
 
     /// The other hosts of a workload's replicas (from its coordinator's placements).
@@ -1073,5 +1196,49 @@ fn refusal_label(r: &eventual::Refusal) -> &'static str {
         eventual::Refusal::Malformed(_) => "malformed",
         eventual::Refusal::Drift(_) => "clock_drift",
         eventual::Refusal::Limit(_) => "limit",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+    fn list(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn voters_move_add_first_then_remove_the_leader_last() {
+        let step = |voters: &[&str], learners: &[&str], target: &[&str]| {
+            next_step("a", &list(voters), &list(learners), &set(target))
+        };
+        // C's replica moved to D: D joins by itself, is promoted, then C goes.
+        assert_eq!(step(&["a", "b", "c"], &[], &["a", "b", "d"]), None);
+        assert_eq!(
+            step(&["a", "b", "c"], &["d"], &["a", "b", "d"]),
+            Some(Step::Promote("d".into()))
+        );
+        assert_eq!(
+            step(&["a", "b", "c", "d"], &[], &["a", "b", "d"]),
+            Some(Step::Remove("c".into()))
+        );
+        assert_eq!(step(&["a", "b", "d"], &[], &["a", "b", "d"]), None);
+        // The leader's own replica moved: others first, itself last.
+        assert_eq!(
+            step(&["a", "b", "c", "x"], &[], &["b", "c", "x"]),
+            Some(Step::Remove("a".into()))
+        );
+        assert_eq!(
+            step(&["a", "b", "c", "x", "y"], &[], &["b", "c", "x"]),
+            Some(Step::Remove("y".into()))
+        );
+        // Nothing is removed while a host is not yet a voter.
+        assert_eq!(
+            step(&["a", "b", "c"], &["d"], &["b", "c", "d"]),
+            Some(Step::Promote("d".into()))
+        );
     }
 }

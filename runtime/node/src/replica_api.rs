@@ -358,6 +358,16 @@ fn kv_error(e: KvError) -> Response {
         KvError::Unavailable { .. } => "unavailable",
         KvError::Internal(_) => "internal error",
     };
+    if let KvError::Precondition { actual, .. } = &e {
+        // The key's revision now (0: absent), for the client's next attempt.
+        let current = actual.unwrap_or(0);
+        return (
+            status,
+            [(header::ETAG, format!("\"{current}\""))],
+            axum::Json(json!({ "error": what, "reason": e.to_string(), "current": current })),
+        )
+            .into_response();
+    }
     error(status, what, e)
 }
 
