@@ -10,6 +10,9 @@
 //!   (`BEEMESH_TEST_USER`, default `beemesh-test`), as another user as that user, with the real
 //!   XDG_RUNTIME_DIR. Without a working rootless Podman it prints `SKIPPED` and passes, unless
 //!   `BEEMESH_REQUIRE_PODMAN=1` (CI), which makes that a failure.
+//! - The stateful examples on a dev mesh: `examples/counter.toml` (eventual state) with both
+//!   drivers, and `examples/kube/statefulset.yaml` (strong state, converted with `beemesh kube
+//!   convert`) with rootless Podman.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -493,20 +496,37 @@ fn podman_answers(socket: &Path) -> bool {
     answer.starts_with("HTTP/1.") && answer.contains(" 200 ")
 }
 
-fn skip_or_fail(reason: &str) {
+/// Runs the Podman CLI against the user's API socket, as that user.
+fn podman(run_as: &RunAs, socket: &Path, args: &[&str]) -> std::process::Output {
+    let url = format!("unix://{}", socket.display());
+    let mut cmd = Command::new("podman");
+    cmd.args(["--url", &url]).args(args).current_dir("/");
+    if let Some((uid, gid)) = run_as.ids {
+        // Podman reads its configuration under the user's own home.
+        cmd.uid(uid).gid(gid).env_clear().env("PATH", SYSTEM_PATH);
+        if let Some(home) = home_of(uid) {
+            cmd.env("HOME", home);
+        }
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("podman {args:?} runs: {e}"))
+}
+
+/// A Podman test without rootless Podman: `SKIPPED`, or a failure under
+/// `BEEMESH_REQUIRE_PODMAN=1`.
+fn skip_or_fail(test: &str, reason: &str) {
     if std::env::var("BEEMESH_REQUIRE_PODMAN").is_ok_and(|v| v == "1") {
         panic!("{reason} (BEEMESH_REQUIRE_PODMAN=1; run .ci/setup-podman as root)");
     }
-    eprintln!(
-        "SKIPPED three_nodes_run_the_printed_example_with_rootless_podman: {reason} (set BEEMESH_REQUIRE_PODMAN=1 to fail instead)"
-    );
+    eprintln!("SKIPPED {test}: {reason} (set BEEMESH_REQUIRE_PODMAN=1 to fail instead)");
 }
 
 #[test]
 fn three_nodes_run_the_printed_example_with_rootless_podman() {
+    const TEST: &str = "three_nodes_run_the_printed_example_with_rootless_podman";
     let run_as = match podman_user() {
         Ok(r) => r,
-        Err(reason) => return skip_or_fail(&reason),
+        Err(reason) => return skip_or_fail(TEST, &reason),
     };
     let socket = run_as
         .runtime_dir
@@ -514,38 +534,24 @@ fn three_nodes_run_the_printed_example_with_rootless_podman() {
         .unwrap_or_default()
         .join("podman/podman.sock");
     if !podman_answers(&socket) {
-        return skip_or_fail(&format!(
-            "no rootless Podman API answers at {}",
-            socket.display()
-        ));
+        return skip_or_fail(
+            TEST,
+            &format!("no rootless Podman API answers at {}", socket.display()),
+        );
     }
     // `auto` must pick Podman here; if it does not, dev says why (for example no image).
     if let Some(dev) = first_try(3, &run_as, "podman") {
-        return skip_or_fail(&format!(
-            "beemesh dev did not pick Podman: driver: {}",
-            dev.driver
-        ));
+        return skip_or_fail(
+            TEST,
+            &format!("beemesh dev did not pick Podman: driver: {}", dev.driver),
+        );
     }
     // Its pods are gone too.
-    let url = format!("unix://{}", socket.display());
-    let mut ask = Command::new("podman");
-    ask.args([
-        "--url",
-        &url,
-        "ps",
-        "--all",
-        "--format",
-        "{{.Names}} {{.Labels}}",
-    ])
-    .current_dir("/");
-    if let Some((uid, gid)) = run_as.ids {
-        // Podman reads its configuration under the user's own home.
-        ask.uid(uid).gid(gid).env_clear().env("PATH", SYSTEM_PATH);
-        if let Some(home) = home_of(uid) {
-            ask.env("HOME", home);
-        }
-    }
-    let out = ask.output().expect("podman ps runs");
+    let out = podman(
+        &run_as,
+        &socket,
+        &["ps", "--all", "--format", "{{.Names}} {{.Labels}}"],
+    );
     assert!(
         out.status.success(),
         "podman ps: {}",
@@ -579,21 +585,8 @@ fn shared_state(run_as: &RunAs, expect_driver: &str) -> Option<Dev> {
     }
     let key = dev.root.join("operator.key");
     let signed = home.join("counter.signed.toml");
-    let beemesh = |args: &[&std::ffi::OsStr]| {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(&home);
-        run_as.apply(&mut cmd, &home, &tmp);
-        cmd.env("BEEMESH_API", dev.api());
-        let out = cmd.output().expect("beemesh runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let api = dev.api();
+    let beemesh = |args: &[&std::ffi::OsStr]| run_beemesh(run_as, &home, &tmp, &api, args);
     let (ok, said) = beemesh(&[
         "sign".as_ref(),
         example.as_os_str(),
@@ -642,9 +635,10 @@ fn replicas_share_eventual_state_with_the_process_driver() {
 
 #[test]
 fn replicas_share_eventual_state_through_their_sidecars_with_rootless_podman() {
+    const TEST: &str = "replicas_share_eventual_state_through_their_sidecars_with_rootless_podman";
     let run_as = match podman_user() {
         Ok(r) => r,
-        Err(reason) => return skip_or_fail(&reason),
+        Err(reason) => return skip_or_fail(TEST, &reason),
     };
     let socket = run_as
         .runtime_dir
@@ -652,15 +646,325 @@ fn replicas_share_eventual_state_through_their_sidecars_with_rootless_podman() {
         .unwrap_or_default()
         .join("podman/podman.sock");
     if !podman_answers(&socket) {
-        return skip_or_fail(&format!(
-            "no rootless Podman API answers at {}",
-            socket.display()
-        ));
+        return skip_or_fail(
+            TEST,
+            &format!("no rootless Podman API answers at {}", socket.display()),
+        );
     }
     if let Some(dev) = shared_state(&run_as, "podman") {
-        skip_or_fail(&format!(
-            "beemesh dev did not pick Podman: driver: {}",
-            dev.driver
-        ));
+        skip_or_fail(
+            TEST,
+            &format!("beemesh dev did not pick Podman: driver: {}", dev.driver),
+        );
     }
+}
+
+/// Runs `beemesh ARGS` as `run_as` in `home` against the node API `api`: success and output.
+fn run_beemesh(
+    run_as: &RunAs,
+    home: &Path,
+    tmp: &Path,
+    api: &str,
+    args: &[&std::ffi::OsStr],
+) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(home);
+    run_as.apply(&mut cmd, home, tmp);
+    cmd.env("BEEMESH_API", api);
+    let out = cmd.output().expect("beemesh runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `GET path` on a node's API socket: the JSON body of a 200 answer, else the answer as text.
+fn api_get(socket: &str, path: &str) -> Result<serde_json::Value, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connecting to {socket}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: node\r\n\r\n").as_bytes())
+        .map_err(|e| format!("writing to {socket}: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("reading from {socket}: {e}"))?;
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+            serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
+        }
+        _ => Err(answer),
+    }
+}
+
+/// One line of the StatefulSet example's log: `kv | <replica> counted <n> after <writer>`,
+/// written after the replica's conditional write of `n` succeeded on a value it had read as
+/// `n - 1` written by `writer` (`nobody` for an absent counter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Counted {
+    replica: String,
+    n: u64,
+    after: String,
+}
+
+impl Counted {
+    fn parse(line: &str) -> Option<Counted> {
+        let (container, text) = line.split_once(" | ")?;
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match (container, words.as_slice()) {
+            ("kv", [replica, "counted", n, "after", after]) => Some(Counted {
+                replica: (*replica).to_owned(),
+                n: n.parse().ok()?,
+                after: (*after).to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// examples/kube/statefulset.yaml as a Kubernetes user brings it: converted with the real
+/// `beemesh kube convert`, signed with dev's operator key and applied to a three-node dev mesh
+/// under rootless Podman. The StatefulSet becomes a strong workload: its three replicas run on
+/// three nodes, the API shows consistency `strong` and a group whose voters are those nodes,
+/// with a leader; and the replicas add to one counter by compare-and-set (`If-Match` on the
+/// revision) through the sidecars in their pods. Every replica must come to log a count it
+/// made on a value another replica wrote; no count may be claimed twice (that would be two
+/// conditional writes succeeding on one revision: a lost update), and the writer a replica
+/// read before counting n must be the one that logged n - 1. It waits for at least 15 counts.
+///
+/// The example names docker.io/library/busybox:1.36.1. No registry is reachable on the build
+/// machines, so when that image is absent the test tags the user's localhost/busybox:latest
+/// (imported by .ci/setup-podman) under that name, as a user without a registry would.
+#[test]
+fn a_statefulset_converts_to_a_strong_workload_whose_replicas_share_a_counter_with_rootless_podman()
+{
+    const TEST: &str = "a_statefulset_converts_to_a_strong_workload_whose_replicas_share_a_counter_with_rootless_podman";
+    const REPLICAS: usize = 3;
+    /// Enough counts for the replicas to have raced each other a few times (about 10 s).
+    const MIN_COUNTS: usize = 15;
+    let run_as = match podman_user() {
+        Ok(r) => r,
+        Err(reason) => return skip_or_fail(TEST, &reason),
+    };
+    let socket = run_as
+        .runtime_dir
+        .clone()
+        .unwrap_or_default()
+        .join("podman/podman.sock");
+    if !podman_answers(&socket) {
+        return skip_or_fail(
+            TEST,
+            &format!("no rootless Podman API answers at {}", socket.display()),
+        );
+    }
+    let (_t, home, tmp) = sandbox(run_as.ids);
+    let owned = |p: &Path| {
+        if let Some((uid, gid)) = run_as.ids {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+        }
+    };
+
+    // Convert, as a user would, into a directory of manifests (no node needed).
+    let yaml = home.join("statefulset.yaml");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/kube/statefulset.yaml"
+        ),
+        &yaml,
+    )
+    .expect("copy the example");
+    owned(&yaml);
+    let converted = home.join("kv");
+    let (ok, said) = run_beemesh(
+        &run_as,
+        &home,
+        &tmp,
+        "/nonexistent",
+        &[
+            "kube".as_ref(),
+            "convert".as_ref(),
+            yaml.as_os_str(),
+            "--out-dir".as_ref(),
+            converted.as_os_str(),
+        ],
+    );
+    assert!(ok, "kube convert: {said}");
+    assert!(
+        said.contains("a StatefulSet becomes a workload with consistency.mode = \"strong\""),
+        "the conversion says what a StatefulSet becomes: {said}"
+    );
+    let files: Vec<PathBuf> = std::fs::read_dir(&converted)
+        .expect("the converted directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "one manifest: {files:?}");
+    let manifest_path = &files[0];
+    let text = std::fs::read_to_string(manifest_path).expect("read the manifest");
+    let manifest =
+        beemesh_manifest::Manifest::from_toml(&manifest_path.display().to_string(), &text)
+            .expect("the converted manifest is valid");
+    assert_eq!(
+        (manifest.namespace.as_str(), manifest.name.as_str()),
+        ("storage", "kv")
+    );
+    assert_eq!(
+        manifest.consistency.mode,
+        beemesh_manifest::workload::ConsistencyMode::Strong
+    );
+    assert_eq!(
+        usize::try_from(manifest.placement.replicas).expect("replicas"),
+        REPLICAS
+    );
+
+    // The image, from the user's store.
+    let image = manifest.containers[0].image.clone();
+    if !podman(&run_as, &socket, &["image", "exists", &image])
+        .status
+        .success()
+    {
+        let tagged = podman(
+            &run_as,
+            &socket,
+            &["tag", "localhost/busybox:latest", &image],
+        );
+        if !tagged.status.success() {
+            return skip_or_fail(
+                TEST,
+                &format!(
+                    "{image} is not in the user's image store, and localhost/busybox:latest (from .ci/setup-podman) could not be tagged as it: {}",
+                    String::from_utf8_lossy(&tagged.stderr).trim()
+                ),
+            );
+        }
+    }
+
+    let mut dev = Dev::start(3, &run_as, &home, &tmp);
+    if !dev.driver.starts_with("podman") {
+        return skip_or_fail(
+            TEST,
+            &format!("beemesh dev did not pick Podman: driver: {}", dev.driver),
+        );
+    }
+    let api = dev.api();
+    let beemesh = |args: &[&std::ffi::OsStr]| run_beemesh(&run_as, &home, &tmp, &api, args);
+    let key = dev.root.join("operator.key");
+    let signed = home.join("kv.signed.toml");
+    let (ok, said) = beemesh(&[
+        "sign".as_ref(),
+        manifest_path.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--out".as_ref(),
+        signed.as_os_str(),
+    ]);
+    assert!(ok, "sign: {said}");
+    let (ok, said) = beemesh(&["apply".as_ref(), signed.as_os_str()]);
+    assert!(ok, "apply: {said}");
+    let on = dev.wait_running("storage", "kv", REPLICAS);
+
+    // The API: a strong workload whose group's voters are its three hosts, with a leader.
+    let deadline = Instant::now() + PLACE;
+    let group = loop {
+        let answer = api_get(&api, "/v1/workloads/storage/kv");
+        if let Ok(w) = &answer {
+            let voters: BTreeSet<String> = w["group"]["voters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            let leader = w["group"]["leader"].as_str();
+            if w["consistency"].as_str() == Some("strong")
+                && voters == on
+                && leader.is_some_and(|l| on.contains(l))
+            {
+                break w["group"].clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "storage/kv did not show a strong group with voters {on:?} and a leader within {PLACE:?}; last answer: {answer:?}; dev stderr: {}",
+            dev.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!("storage/kv runs on {on:?}; its group: {group}");
+
+    // The replicas' logs: each counted on another replica's write, no count twice.
+    let deadline = Instant::now() + PLACE;
+    loop {
+        let mut logs = String::new();
+        let mut counted: Vec<Counted> = Vec::new();
+        for i in 0..REPLICAS {
+            let (_, log) = beemesh(&[
+                "logs".as_ref(),
+                "storage/kv".as_ref(),
+                "--replica".as_ref(),
+                i.to_string().as_ref(),
+            ]);
+            counted.extend(log.lines().filter_map(Counted::parse));
+            logs.push_str(&format!("--- replica {i}\n{log}"));
+        }
+        let mut writer: std::collections::BTreeMap<u64, &str> = std::collections::BTreeMap::new();
+        for c in &counted {
+            if let Some(other) = writer.insert(c.n, &c.replica) {
+                panic!(
+                    "count {} was claimed by both {other} and {}: a lost update; logs:\n{logs}",
+                    c.n, c.replica
+                );
+            }
+        }
+        for c in &counted {
+            let before = c.n.checked_sub(1).and_then(|b| writer.get(&b));
+            if let Some(before) = before {
+                assert_eq!(
+                    *before, c.after,
+                    "{} counted {} after reading {} - 1 as {}'s, but {before} wrote it; logs:\n{logs}",
+                    c.replica, c.n, c.n, c.after
+                );
+            }
+        }
+        let replicas: BTreeSet<&str> = counted.iter().map(|c| c.replica.as_str()).collect();
+        let read_another: BTreeSet<&str> = counted
+            .iter()
+            .filter(|c| c.after != c.replica && replicas.contains(c.after.as_str()))
+            .map(|c| c.replica.as_str())
+            .collect();
+        if replicas.len() == REPLICAS
+            && read_another.len() == REPLICAS
+            && counted.len() >= MIN_COUNTS
+        {
+            println!(
+                "{} counts, each claimed once; every replica counted on another's write: {read_another:?}",
+                counted.len()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "within {PLACE:?}, not every replica counted on another replica's write or fewer than {MIN_COUNTS} counts were made ({} counts; counting: {replicas:?}, on another's write: {read_another:?}); logs:\n{logs}\ndev stderr: {}",
+            counted.len(),
+            dev.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let status = dev.interrupt();
+    assert!(status.success(), "dev exits 0; {}", dev.stderr());
+    let out = podman(
+        &run_as,
+        &socket,
+        &["ps", "--all", "--format", "{{.Names}} {{.Labels}}"],
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let left: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.starts_with("bm_storage_kv_") && l.contains("io.beemesh.node:dev-"))
+        .collect();
+    assert!(left.is_empty(), "dev's containers outlived it: {left:#?}");
 }

@@ -3996,10 +3996,9 @@ spec:
         );
         let kv = &convert_ok(STATEFULSET_EXAMPLE)[0];
         assert_eq!(kv.manifest.consistency.mode, ConsistencyMode::Strong);
-        assert_eq!(
-            kv.manifest.containers[0].security.capabilities,
-            ["NET_BIND_SERVICE"]
-        );
+        assert_eq!(kv.manifest.placement.replicas, 3);
+        assert!(kv.manifest.containers[0].security.capabilities.is_empty());
+        assert_eq!(kv.manifest.containers[0].security.run_as_user, Some(10001));
     }
 
     proptest! {
