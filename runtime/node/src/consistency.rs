@@ -409,9 +409,18 @@ pub fn group_status_request(namespace: &str, name: &str) -> Vec<u8> {
 /// leaving steps down once its removal is committed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
+    /// A host that has not joined by itself after [`JOIN_TICKS`] ticks is added by the
+    /// leader (a host that was removed while it was cut off still believes it is a voter and
+    /// does not ask).
+    AddLearner(String),
     Promote(String),
     Remove(String),
+    /// A host is not in the group yet: wait for it to ask.
+    Wait(String),
 }
+
+/// Ticks (2 s each) a leader waits for a new host to join before adding it itself.
+const JOIN_TICKS: u32 = 3;
 
 fn next_step(
     local: &str,
@@ -425,10 +434,10 @@ fn next_step(
     {
         return Some(Step::Promote(h.clone()));
     }
-    if target.iter().any(|h| !voters.contains(h)) {
+    if let Some(h) = target.iter().find(|h| !voters.contains(h)) {
         // A new host joins by itself (it asks the leader, and so learns who the leader is
         // before the log reaches it); nothing is removed meanwhile.
-        return None;
+        return Some(Step::Wait(h.clone()));
     }
     if let Some(v) = voters.iter().find(|v| !target.contains(*v) && *v != local) {
         return Some(Step::Remove(v.clone()));
@@ -497,6 +506,8 @@ pub struct Consistency {
     /// Strong workloads this node no longer hosts: their group is removed here once the
     /// leader has taken this node out of its voters.
     leaving: Mutex<BTreeSet<Key>>,
+    /// Ticks each group's leader has waited for a new host to join.
+    waits: Mutex<BTreeMap<Key, u32>>,
     /// Groups whose voters this node (their leader) is moving: one step at a time.
     moving: Arc<Mutex<BTreeSet<Key>>>,
     /// The leader each group had when last observed (for the leader-change counter).
@@ -541,6 +552,7 @@ impl Consistency {
             leaving: Mutex::new(BTreeSet::new()),
             leaders: Mutex::new(BTreeMap::new()),
             moving: Arc::new(Mutex::new(BTreeSet::new())),
+            waits: Mutex::new(BTreeMap::new()),
             shutdown,
         })
     }
@@ -945,9 +957,25 @@ impl Consistency {
         if status.role != Role::Leader || !complete {
             return;
         }
-        let Some(step) = next_step(&self.local, &status.voters, &status.learners, &hosts) else {
+        let Some(mut step) = next_step(&self.local, &status.voters, &status.learners, &hosts)
+        else {
             return;
         };
+        if let Step::Wait(host) = &step {
+            let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+            let n = waits.entry(key.clone()).or_insert(0);
+            *n += 1;
+            if *n < JOIN_TICKS {
+                return;
+            }
+            *n = 0;
+            step = Step::AddLearner(host.clone());
+        } else {
+            self.waits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
         if !self
             .moving
             .lock()
@@ -962,8 +990,10 @@ impl Consistency {
         tokio::spawn(async move {
             tracing::info!(%workload, voters = ?status.voters, ?step, "moving the Raft group's voters");
             let done = match &step {
+                Step::AddLearner(p) => groups.add_learner(&g, p).await,
                 Step::Promote(p) => groups.promote(&g, p, CATCH_UP).await,
                 Step::Remove(p) => groups.remove_voter(&g, p).await,
+                Step::Wait(_) => Ok(()),
             };
             if let Err(e) = done {
                 tracing::warn!(%workload, ?step, "moving the Raft group's voters: {e}");
@@ -1216,7 +1246,10 @@ mod tests {
             next_step("a", &list(voters), &list(learners), &set(target))
         };
         // C's replica moved to D: D joins by itself, is promoted, then C goes.
-        assert_eq!(step(&["a", "b", "c"], &[], &["a", "b", "d"]), None);
+        assert_eq!(
+            step(&["a", "b", "c"], &[], &["a", "b", "d"]),
+            Some(Step::Wait("d".into()))
+        );
         assert_eq!(
             step(&["a", "b", "c"], &["d"], &["a", "b", "d"]),
             Some(Step::Promote("d".into()))

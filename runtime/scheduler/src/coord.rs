@@ -708,6 +708,24 @@ impl<I: NodeKey> Scheduler<I> {
         }
         to_tender.sort_unstable();
         to_tender.dedup();
+        // A strong workload placed before moves one replica at a time: a replacement is
+        // tendered only while every other replica runs (a strong replica runs once its host
+        // is a voter of the workload's group, that is, caught up), so the group never has two
+        // new members catching up at once.
+        if spec.strong && c.next_epoch > 1 && !to_tender.is_empty() {
+            let busy = c.slots.iter().any(|(i, s)| {
+                !to_tender.contains(i)
+                    && (s.pending.is_some()
+                        || s.holder
+                            .as_ref()
+                            .is_some_and(|h| h.state != crate::types::ReplicaState::Running))
+            });
+            if busy {
+                to_tender.clear();
+            } else {
+                to_tender.truncate(1);
+            }
+        }
         if to_tender.is_empty() {
             c.shortfall = None;
             return true;

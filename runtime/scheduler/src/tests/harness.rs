@@ -135,6 +135,8 @@ pub struct Cluster {
     pub fetches: Vec<(Millis, u32, u32, WorkloadId)>,
     /// Every Raft bootstrap a node was told to make: (time, node, workload, first voters).
     pub bootstraps: Vec<(Millis, u32, WorkloadId, Vec<u32>)>,
+    /// Every replica start a node was told to make: (time, node, replica).
+    pub started: Vec<(Millis, u32, ReplicaId)>,
     /// Bootstraps that came after a replica of their workload had started on the node.
     pub late_bootstraps: Vec<(u32, WorkloadId)>,
 }
@@ -240,6 +242,7 @@ impl Cluster {
             fetches: Vec::new(),
             bootstraps: Vec::new(),
             late_bootstraps: Vec::new(),
+            started: Vec::new(),
         }
     }
 
@@ -332,6 +335,7 @@ impl Cluster {
                     );
                 }
                 Output::Start { replica } => {
+                    self.started.push((self.now, node, replica.id.clone()));
                     let n = self.nodes.get_mut(&node).unwrap();
                     n.starts += 1;
                     let id = replica.id.clone();

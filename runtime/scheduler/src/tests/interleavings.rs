@@ -507,3 +507,49 @@ fn a_strong_workload_is_bootstrapped_once_by_its_first_hosts() {
     c.assert_exact(&e.id);
     assert!(c.bootstraps.iter().all(|b| b.2 == w.id));
 }
+
+#[test]
+fn a_strong_workloads_replicas_are_replaced_one_at_a_time() {
+    // Two hosts of each workload die at once; a replica takes 2 s to run.
+    for strong in [true, false] {
+        let mut c = uniform(7);
+        c.start_delay = 2_000;
+        settle(&mut c);
+        let mut w = spec(if strong { "db" } else { "web" }, 3, Spread::Node);
+        w.strong = strong;
+        c.submit(w.clone());
+        c.run_for(4_000);
+        c.assert_exact(&w.id);
+        let coord = c.coordinator(&w.id);
+        let hosts: BTreeSet<u32> = c.running(&w.id).into_iter().map(|r| r.0).collect();
+        let victims: Vec<u32> = hosts
+            .iter()
+            .copied()
+            .filter(|n| *n != coord)
+            .take(2)
+            .collect();
+        assert_eq!(victims.len(), 2, "hosts {hosts:?}, coordinator {coord}");
+        let killed_at = c.now;
+        for v in &victims {
+            c.kill(*v);
+        }
+        c.run_for(30_000);
+        c.assert_exact(&w.id);
+        // When each replacement was started (the first start of each slot after the kill).
+        let mut first = std::collections::BTreeMap::new();
+        for (at, node, id) in &c.started {
+            if *at >= killed_at && id.workload == w.id && !hosts.contains(node) {
+                first.entry(id.index).or_insert(*at);
+            }
+        }
+        assert_eq!(first.len(), 2, "{:?}", c.started);
+        let times: Vec<u64> = first.values().copied().collect();
+        let gap = times[1].abs_diff(times[0]);
+        if strong {
+            // The second replacement is placed only once the first runs.
+            assert!(gap >= c.start_delay, "started {gap} ms apart: {first:?}");
+        } else {
+            assert!(gap < c.start_delay, "an eventual workload waits: {first:?}");
+        }
+    }
+}
