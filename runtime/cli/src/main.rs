@@ -10,6 +10,7 @@ mod dev;
 mod image;
 mod keys;
 mod kube;
+mod kv;
 mod logs;
 mod output;
 mod remote;
@@ -87,6 +88,22 @@ enum Command {
     /// Lines print as `container | text` (`-o json`: one JSON object per line). Without
     /// --replica, the lowest replica that is running (else the lowest placed one).
     Logs(logs::LogsArgs),
+
+    /// Read and write a workload's state (its key-value store) as an operator.
+    ///
+    /// Every request is signed with your operator key (--key FILE), which must be one of the
+    /// nodes' [trust] signers: one signature is enough, whatever the manifests' threshold.
+    /// What is signed: the operation, NS/NAME, the key and the value (or --prefix, --after and
+    /// --limit), --if-revision, the time, a random nonce, and the peer id of the node that is
+    /// to carry it out: a host of one of the workload's replicas, picked from the placements
+    /// (the node you talk to forwards the request there, unchanged; that host checks the
+    /// signature again).
+    ///
+    /// A node accepts a request only within 5 minutes of the time it was signed, by the
+    /// node's clock and either way, and only once: keep clocks in sync (NTP). `beemesh kv`
+    /// signs a new request for every attempt; a saved request cannot be sent again.
+    #[command(subcommand, after_help = kv::EXAMPLES)]
+    Kv(kv::KvCommand),
 
     /// Create and inspect Ed25519 keys (operator signing keys, admission keys).
     #[command(subcommand)]
@@ -209,6 +226,7 @@ fn main() -> ExitCode {
         Command::Apply(a) => client().and_then(|c| remote::apply(&c, &a, out)),
         Command::Delete(a) => client().and_then(|c| remote::delete(&c, &a, out)),
         Command::Logs(a) => client().and_then(|c| logs::logs(&c, &a, out)),
+        Command::Kv(c) => client().and_then(|cl| kv::run(&cl, &c, out)),
         Command::Key(KeyCommand::Gen { out: path }) => keys::gen_key(&path, out),
         Command::Key(KeyCommand::Show { file }) => keys::show_key(&file, out),
         Command::Sign(a) => sign::sign(&a, out),

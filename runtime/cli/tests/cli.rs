@@ -1363,3 +1363,262 @@ fn node_key_leftovers_do_not_stop_a_start_and_a_cut_short_key_is_refused_clearly
         "{stderr}"
     );
 }
+
+#[test]
+fn kv_teaches_and_refuses_bad_arguments() {
+    // What is signed, by whom, and for how long (whatever the terminal's width).
+    let help = stdout_of(beemesh().args(["kv", "--help"]));
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "signed with your operator key (--key FILE)",
+        "[trust] signers: one signature is enough",
+        "a random nonce, and the peer id of the node that is to carry it out",
+        "only within 5 minutes of the time it was signed",
+        "and only once",
+        "beemesh kv put default/ledger greeting hello --key operator.key",
+    ] {
+        assert!(help.contains(want), "{want:?} not in {help}");
+    }
+    beemesh()
+        .args(["kv", "put", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--if-revision").and(predicate::str::contains("`-`")));
+    // Usage errors: exit 2.
+    for args in [
+        &["kv"][..],
+        &["kv", "get", "default/x", "k"],
+        &["kv", "get", "default/x", "--key", "op.key"],
+        &["kv", "get", "hello", "k", "--key", "op.key"],
+        &["kv", "put", "Default/x", "k", "v", "--key", "op.key"],
+        &["kv", "put", "default/x", "k", "--key", "op.key"],
+        &[
+            "kv",
+            "put",
+            "default/x",
+            "k",
+            "v",
+            "--if-revision",
+            "-1",
+            "--key",
+            "op.key",
+        ],
+        &["kv", "ls", "default/x", "--limit", "0", "--key", "op.key"],
+        &[
+            "kv",
+            "ls",
+            "default/x",
+            "--limit",
+            "1001",
+            "--key",
+            "op.key",
+        ],
+    ] {
+        beemesh().args(args).assert().code(2);
+    }
+    // The key file is read before anything is sent; a value that cannot be stored is refused
+    // before anything is sent.
+    let dir = TempDir::new().expect("tempdir");
+    beemesh()
+        .args(["kv", "get", "default/x", "k", "--key"])
+        .arg(dir.path().join("missing.key"))
+        .arg("--api")
+        .arg(dir.path().join("nothing.sock"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("as the operator key (--key)"));
+    let (op, _) = keygen(dir.path(), "op.key");
+    beemesh()
+        .args(["kv", "put", "default/x", "k", "-", "--key"])
+        .arg(&op)
+        .arg("--api")
+        .arg(dir.path().join("nothing.sock"))
+        .write_stdin(vec![b'x'; 64 * 1024 + 1])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("the limit of a value"));
+    beemesh()
+        .args(["kv", "get", "default/x", "k", "--key"])
+        .arg(&op)
+        .arg("--api")
+        .arg(dir.path().join("nothing.sock"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot reach the node API"));
+}
+
+#[test]
+fn kv_reads_and_writes_a_workloads_state_against_a_running_node() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    let op = mesh.op.clone();
+    // Two nodes (a node alone places nothing): the replica runs on either, and the CLI talks
+    // to the first, which forwards the requests when the replica is on the second.
+    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
+    let status = status_of(&sock);
+    let boot = format!(
+        "{}/p2p/{}",
+        status["listen"][0].as_str().expect("a listen address"),
+        status["peer_id"].as_str().expect("a peer id")
+    );
+    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "best-effort");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two nodes never saw each other"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kv = |args: &[&str]| {
+        let mut c = beemesh();
+        c.arg("--api")
+            .arg(&sock)
+            .arg("kv")
+            .args(args)
+            .arg("--key")
+            .arg(&op);
+        c
+    };
+    let manifest = dir.path().join("notes.toml");
+    fs::write(
+        &manifest,
+        "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"notes\"\ngeneration = 1\n\
+         [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"3600\"]\n\
+         resources = { cpu = \"10m\", memory = \"16Mi\" }\n",
+    )
+    .expect("manifest");
+    let signed = dir.path().join("notes.signed.toml");
+    sign(&manifest, &op, &signed);
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args(["apply", "--wait", "--timeout", "60s"])
+        .arg(&signed)
+        .assert()
+        .success();
+
+    kv(&["put", "default/notes", "greeting", "hello"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "default/notes: \"greeting\" written at revision",
+        ));
+    // A value is bytes, exactly: from standard input, not UTF-8, and one that looks like a flag.
+    kv(&["put", "default/notes", "bin", "-"])
+        .write_stdin(vec![0xff, 0, 1])
+        .assert()
+        .success();
+    kv(&["put", "default/notes", "dash", "-5"])
+        .assert()
+        .success();
+    let out = kv(&["get", "default/notes", "bin"]).output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, vec![0xff, 0, 1]);
+    kv(&["get", "default/notes", "greeting"])
+        .assert()
+        .success()
+        .stdout("hello");
+    // Through the other node as well: one of the two forwards the request to the host.
+    beemesh()
+        .arg("--api")
+        .arg(&sock_two)
+        .args(["kv", "get", "default/notes", "greeting", "--key"])
+        .arg(&op)
+        .assert()
+        .success()
+        .stdout("hello");
+    kv(&["get", "default/notes", "dash"])
+        .assert()
+        .success()
+        .stdout("-5");
+    let json: serde_json::Value = serde_json::from_str(&stdout_of(&mut kv(&[
+        "get",
+        "default/notes",
+        "greeting",
+        "-o",
+        "json",
+    ])))
+    .expect("json");
+    assert_eq!(json["value"], "hello");
+    assert!(
+        json["node_name"] == "one" || json["node_name"] == "two",
+        "{json}"
+    );
+    assert!(json["revision"].as_u64().is_some_and(|r| r > 0), "{json}");
+    kv(&["ls", "default/notes"]).assert().success().stdout(
+        predicate::str::contains("greeting")
+            .and(predicate::str::contains("hello"))
+            .and(predicate::str::contains("(3 bytes, not UTF-8)")),
+    );
+    // A page of one, and where to go on.
+    kv(&["ls", "default/notes", "--limit", "1"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("bin"))
+        .stderr(predicate::str::contains("continue with --after \"bin\""));
+    let page: serde_json::Value = serde_json::from_str(&stdout_of(&mut kv(&[
+        "ls",
+        "default/notes",
+        "--after",
+        "bin",
+        "-o",
+        "json",
+    ])))
+    .expect("json");
+    let keys: Vec<&str> = page["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["key"].as_str())
+        .collect();
+    assert_eq!(keys, ["dash", "greeting"], "{page}");
+
+    // Refusals say why.
+    kv(&[
+        "put",
+        "default/notes",
+        "greeting",
+        "x",
+        "--if-revision",
+        "1",
+    ])
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains(
+        "conditional writes need strong consistency",
+    ));
+    kv(&["get", "default/notes", "absent"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "default/notes has no key \"absent\"",
+        ));
+    kv(&["get", "default/nobody", "k"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no workload default/nobody"));
+    let (stranger, _) = keygen(dir.path(), "stranger.key");
+    beemesh()
+        .arg("--api")
+        .arg(&sock)
+        .args(["kv", "get", "default/notes", "greeting", "--key"])
+        .arg(&stranger)
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("403").and(predicate::str::contains(
+                "not among this node's trusted signers",
+            )),
+        );
+
+    kv(&["del", "default/notes", "greeting"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"greeting\" deleted at revision"));
+    kv(&["get", "default/notes", "greeting"]).assert().code(1);
+}

@@ -4,6 +4,7 @@
 //! - [`host`]: the host config (`/etc/beemesh/host.toml`);
 //! - [`keys`], [`signed`], [`trust`]: Ed25519 keys, signed manifests and the trust policy
 //!   (threshold of operator signatures, expiry);
+//! - [`operator`]: signed operator requests to a workload's key-value store (`beemesh kv`);
 //! - [`generations`]: rollback protection over a persisted generation store;
 //! - [`kube`]: Kubernetes Pod, Deployment and StatefulSet import.
 //!
@@ -17,6 +18,7 @@ pub mod input;
 pub mod keys;
 pub mod kube;
 pub mod names;
+pub mod operator;
 pub mod quantity;
 pub mod signed;
 pub mod ticket;

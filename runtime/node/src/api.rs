@@ -9,6 +9,7 @@
 //! | `GET /v1/workloads/{namespace}/{name}` | one workload, with its signed manifest |
 //! | `GET /v1/workloads/{namespace}/{name}/logs` | a replica's log lines, streamed, from whichever node runs it ([`crate::logs`]) |
 //! | `POST /v1/workloads` | a signed manifest: 202 with the content id, or 4xx with the reason |
+//! | `POST /v1/kv` | a signed operator request to a workload's store ([`crate::operator_kv`]) |
 //! | `GET /metrics` | Prometheus text format |
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use beemesh_manifest::host::ApiSection;
 use beemesh_manifest::input::MAX_SIGNED_BYTES;
 use serde_json::{Value, json};
@@ -46,6 +47,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/workloads/{namespace}/{name}/logs",
             get(crate::logs::http),
         )
+        .route("/v1/kv", post(crate::operator_kv::http))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_SIGNED_BYTES as usize + 1024))
         .with_state(shared)

@@ -311,9 +311,15 @@ impl Kv for StrongKv {
         match self.groups.delete(&self.group, key, if_revision).await {
             Ok(revision) => Ok(Written { revision }),
             // Deleting what is absent is fine (unless a revision was expected).
-            Err(raft::Error::KeyNotFound { .. }) if if_revision.is_none() => {
+            Err(raft::Error::KeyNotFound { .. }) if matches!(if_revision, None | Some(0)) => {
                 Ok(Written { revision: 0 })
             }
+            // Absent, while a revision was expected: the precondition does not hold.
+            Err(raft::Error::KeyNotFound { .. }) => Err(KvError::Precondition {
+                key: key.to_owned(),
+                expected: if_revision.unwrap_or(0),
+                actual: None,
+            }),
             Err(e) => Err(raft_error(e)),
         }
     }

@@ -13,6 +13,7 @@ pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod operator_kv;
 pub mod placement;
 pub mod replica_api;
 pub mod sidecar;

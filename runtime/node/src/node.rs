@@ -123,6 +123,8 @@ pub struct Shared {
     pub logs: crate::logs::Logs,
     /// The stores behind the replicas' state endpoints.
     pub consistency: Arc<crate::consistency::Consistency>,
+    /// Operators' signed requests to workloads' stores (`POST /v1/kv`, `/beemesh/kv-op/1`).
+    pub operator_kv: crate::operator_kv::OperatorKv,
     store: Arc<Mutex<DesiredStore>>,
 }
 
@@ -458,6 +460,7 @@ pub async fn start(
 
     let policy =
         TrustPolicy::from_host(&cfg.trust).map_err(|e| NodeError::Config(format!("trust: {e}")))?;
+    let operator_kv = crate::operator_kv::OperatorKv::new(policy.clone());
     let (store, skipped) = DesiredStore::open(&data_dir, policy, (opts.clock)())?;
     for s in &skipped {
         tracing::warn!("not loading stored manifest: {s}");
@@ -587,6 +590,7 @@ pub async fn start(
         driver,
         logs: crate::logs::Logs::new(shutdown.clone()),
         consistency,
+        operator_kv,
         store,
     });
 
@@ -785,6 +789,12 @@ async fn handle_event(shared: &Arc<Shared>, event: MeshEvent) {
                         Ok(bytes) => reply.respond(bytes),
                         Err(e) => reply.refuse(e),
                     }
+                });
+            } else if protocol == crate::operator_kv::PROTOCOL {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let answer = crate::operator_kv::from_peer(&shared, &peer, &data).await;
+                    reply.respond(answer);
                 });
             } else if protocol.starts_with("/beemesh/kv-sync/") {
                 match shared.consistency.reconcile(&protocol, &peer, data) {

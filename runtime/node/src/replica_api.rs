@@ -480,7 +480,7 @@ struct ListQuery {
 }
 
 /// A listing's item: the value as text when it is UTF-8, else base64.
-fn item_json(i: &Item) -> serde_json::Value {
+pub(crate) fn item_json(i: &Item) -> serde_json::Value {
     match std::str::from_utf8(&i.value) {
         Ok(text) => json!({ "key": i.key, "revision": i.revision, "value": text }),
         Err(_) => {
