@@ -59,46 +59,72 @@ async fn call_with(
     (status, raw.get(split + 4..).unwrap_or_default().to_vec())
 }
 
+/// A workload of `replicas` replicas, one per node, in consistency `mode`.
+fn manifest(name: &str, replicas: u32, mode: &str) -> String {
+    format!(
+        "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"{name}\"\ngeneration = 1\n\
+         [placement]\nreplicas = {replicas}\nspread = \"node\"\n\
+         [consistency]\nmode = \"{mode}\"\n\
+         [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
+         resources = {{ cpu = \"10m\", memory = \"8Mi\" }}\n"
+    )
+}
+
+/// Waits until `replicas` replicas of `name` run (as `api` reports) and their endpoints are
+/// written down on `nodes`; returns the endpoints.
+async fn running_endpoints(
+    fleet: &Fleet,
+    api: &beemesh_node::RunningNode,
+    nodes: &[&str],
+    name: &str,
+    replicas: u32,
+) -> Vec<(String, String)> {
+    let root = fleet.dir.path().to_owned();
+    let dirs: Vec<PathBuf> = nodes
+        .iter()
+        .flat_map(|n| {
+            let root = root.clone();
+            (0..replicas).map(move |i| {
+                root.join(n)
+                    .join("data/replicas")
+                    .join(format!("bm_default_{name}_{i}"))
+            })
+        })
+        .collect();
+    let start = tokio::time::Instant::now();
+    loop {
+        let found: Vec<(String, String)> = dirs.iter().filter_map(|d| endpoint(d)).collect();
+        let (code, json) = get(&api.api_socket, &format!("/v1/workloads/default/{name}")).await;
+        let running = code == 200
+            && serde_json::from_str::<serde_json::Value>(&json)
+                .is_ok_and(|v| v["running"] == replicas);
+        if found.len() == replicas as usize && running {
+            eprintln!(
+                "{replicas} replicas of {name} ran after {:?}",
+                start.elapsed()
+            );
+            return found;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{replicas} replicas never ran: {json}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_one_replica_writes_another_reads_eventually() {
     let fleet = Fleet::new();
     let (a, a_stop) = fleet.start("a", None).await;
     let (b, b_stop) = fleet.start("b", Some(&a)).await;
     let (c, c_stop) = fleet.start("c", Some(&a)).await;
-    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"notes\"\ngeneration = 1\n\
-        [placement]\nreplicas = 2\nspread = \"node\"\n\
-        [consistency]\nmode = \"eventual\"\n\
-        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
-        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
     a.shared
-        .apply(&fleet.signed_text(manifest))
+        .apply(&fleet.signed_text(&manifest("notes", 2, "eventual")))
         .await
         .expect("accepted");
     // The two replicas' endpoints, wherever they were placed.
-    let root = fleet.dir.path().to_owned();
-    let dirs: Vec<PathBuf> = ["a", "b", "c"]
-        .iter()
-        .flat_map(|n| {
-            let root = root.clone();
-            (0..2).map(move |i| {
-                root.join(n)
-                    .join("data/replicas")
-                    .join(format!("bm_default_notes_{i}"))
-            })
-        })
-        .collect();
-    let start = tokio::time::Instant::now();
-    let endpoints = loop {
-        let found: Vec<(String, String)> = dirs.iter().filter_map(|d| endpoint(d)).collect();
-        let (code, json) = get(&c.api_socket, "/v1/workloads/default/notes").await;
-        let running = code == 200
-            && serde_json::from_str::<serde_json::Value>(&json).is_ok_and(|v| v["running"] == 2);
-        if found.len() == 2 && running {
-            break found;
-        }
-        assert!(start.elapsed() < DEADLINE, "2 replicas never ran: {json}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let endpoints = running_endpoints(&fleet, &c, &["a", "b", "c"], "notes", 2).await;
     let (one, two) = (&endpoints[0], &endpoints[1]);
 
     // No token, no state.
@@ -250,44 +276,12 @@ async fn a_strong_workloads_replicas_read_every_acknowledged_write() {
     let (a, a_stop) = fleet.start("a", None).await;
     let (b, b_stop) = fleet.start("b", Some(&a)).await;
     let (c, c_stop) = fleet.start("c", Some(&a)).await;
-    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
-        [placement]\nreplicas = 3\nspread = \"node\"\n\
-        [consistency]\nmode = \"strong\"\n\
-        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
-        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
     b.shared
-        .apply(&fleet.signed_text(manifest))
+        .apply(&fleet.signed_text(&manifest("ledger", 3, "strong")))
         .await
         .expect("accepted");
-    let root = fleet.dir.path().to_owned();
-    let dirs: Vec<PathBuf> = ["a", "b", "c"]
-        .iter()
-        .flat_map(|n| {
-            let root = root.clone();
-            (0..3).map(move |i| {
-                root.join(n)
-                    .join("data/replicas")
-                    .join(format!("bm_default_ledger_{i}"))
-            })
-        })
-        .collect();
     // Running only once every host is a voter of the group.
-    let start = tokio::time::Instant::now();
-    let endpoints = loop {
-        let found: Vec<(String, String)> = dirs.iter().filter_map(|d| endpoint(d)).collect();
-        let (code, json) = get(&a.api_socket, "/v1/workloads/default/ledger").await;
-        let running = code == 200
-            && serde_json::from_str::<serde_json::Value>(&json).is_ok_and(|v| v["running"] == 3);
-        if found.len() == 3 && running {
-            break found;
-        }
-        assert!(start.elapsed() < DEADLINE, "3 replicas never ran: {json}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    eprintln!(
-        "the group formed and 3 replicas ran after {:?}",
-        start.elapsed()
-    );
+    let endpoints = running_endpoints(&fleet, &a, &["a", "b", "c"], "ledger", 3).await;
     for (i, (addr, token)) in endpoints.iter().enumerate() {
         // Create-only: the key is absent.
         let key = format!("/v1/kv/entry-{i}");
@@ -357,13 +351,9 @@ async fn a_strong_group_follows_its_replicas_when_a_host_leaves() {
     for n in ["b", "c", "d"] {
         others.push((n, fleet.start(n, Some(&a)).await));
     }
-    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
-        [placement]\nreplicas = 3\nspread = \"node\"\n\
-        [consistency]\nmode = \"strong\"\n\
-        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
-        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    let manifest = manifest("ledger", 3, "strong");
     a.shared
-        .apply(&fleet.signed_text(manifest))
+        .apply(&fleet.signed_text(&manifest))
         .await
         .expect("accepted");
     let root = fleet.dir.path().to_owned();
@@ -475,15 +465,11 @@ async fn a_strong_group_that_lost_its_quorum_is_reported_and_never_formed_again(
         nodes.push(fleet.start(n, Some(&a)).await);
     }
     nodes.insert(0, (a, a_stop));
-    let manifest = "api = \"beemesh/v1\"\nkind = \"Workload\"\nname = \"ledger\"\ngeneration = 1\n\
-        [placement]\nreplicas = 3\nspread = \"node\"\n\
-        [consistency]\nmode = \"strong\"\n\
-        [[container]]\nname = \"main\"\nimage = \"none\"\ncommand = [\"sleep\", \"600\"]\n\
-        resources = { cpu = \"10m\", memory = \"8Mi\" }\n";
+    let manifest = manifest("ledger", 3, "strong");
     nodes[0]
         .0
         .shared
-        .apply(&fleet.signed_text(manifest))
+        .apply(&fleet.signed_text(&manifest))
         .await
         .expect("accepted");
     let path = "/v1/workloads/default/ledger";

@@ -389,7 +389,19 @@ impl PodmanDriver {
         match self.timed("remove pod", &pod_name, pod.remove()).await? {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(self.api_err("remove pod", pod_name, e)),
+            Err(e) => {
+                // Podman resolves the name to an id first; a pod that vanishes in between
+                // (its cleanup finishing) fails with a 500 "no such pod". What counts is
+                // that it is gone, so look again before calling it a failure.
+                let exists = self
+                    .timed("pod exists", &pod_name, pod.exists())
+                    .await?
+                    .map_err(|e| self.api_err("pod exists", &pod_name, e))?;
+                if exists {
+                    return Err(self.api_err("remove pod", pod_name, e));
+                }
+                tracing::debug!(pod = %pod_name, error = %podman_message(&e), "pod vanished while being removed");
+            }
         }
         self.remove_volumes(id).await
     }
