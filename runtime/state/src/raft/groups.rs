@@ -85,6 +85,18 @@ struct Group {
     /// membership, even when the workload's placement no longer names it (a leader moving
     /// its own replica away leads until the move is committed).
     introducer: Mutex<Option<String>>,
+    /// Reads waiting for a read index (see [`Groups::read_index`]).
+    reads: Mutex<ReadQueue>,
+}
+
+/// A read's answer: the read index, or why there is none.
+type ReadIndexTx = tokio::sync::oneshot::Sender<Result<Option<u64>, Error>>;
+
+/// Reads waiting for the next read index of a group, and whether a round is under way.
+#[derive(Default)]
+struct ReadQueue {
+    round_running: bool,
+    waiting: Vec<ReadIndexTx>,
 }
 
 impl Group {
@@ -368,6 +380,7 @@ impl<T: RaftTransport> Groups<T> {
             dir,
             bootstrap: Mutex::new(None),
             introducer: Mutex::new(None),
+            reads: Mutex::new(ReadQueue::default()),
         }))
     }
 
@@ -884,15 +897,72 @@ impl<T: RaftTransport> Groups<T> {
         }
     }
 
+    /// A read index for a read that arrives now: the leader's commit index, taken after the
+    /// leader confirmed with a quorum that it still leads (here or on the leader).
+    ///
+    /// Concurrent reads share one confirmation, as etcd's read loop does: a read that arrives
+    /// while a round is under way waits for the next round, which starts after it arrived, so
+    /// every read still gets an index taken after its arrival (linearizable), and a round costs
+    /// one forward to the leader and one heartbeat per voter however many reads it serves.
+    /// Without this, every read sent its own heartbeat to every voter: under 64 concurrent
+    /// readers the heartbeats filled the connections' stream limits and reads failed with
+    /// "cannot confirm a quorum" (docs/benchmarks.md).
+    async fn read_index(&self, g: &Arc<Group>, deadline: Instant) -> Result<Option<u64>, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_round = {
+            let mut q = g.reads.lock().unwrap_or_else(|p| p.into_inner());
+            q.waiting.push(tx);
+            !std::mem::replace(&mut q.round_running, true)
+        };
+        if start_round {
+            // A task of its own: the rounds go on when the read that started them is dropped.
+            let (groups, g) = (self.clone(), g.clone());
+            tokio::spawn(async move { groups.read_rounds(&g).await });
+        }
+        let timeout = || Error::Timeout {
+            group: g.id.clone(),
+            what: "confirming leadership for a read".into(),
+            ms: self.inner.config.request_timeout_ms,
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Stopped {
+                group: g.id.clone(),
+                reason: "the read was dropped".into(),
+            }),
+            Err(_) => Err(timeout()),
+        }
+    }
+
+    /// Serves the reads queued on `g`, a round at a time, until none is left.
+    async fn read_rounds(&self, g: &Arc<Group>) {
+        loop {
+            let batch = {
+                let mut q = g.reads.lock().unwrap_or_else(|p| p.into_inner());
+                q.waiting.retain(|w| !w.is_closed());
+                if q.waiting.is_empty() {
+                    q.round_running = false;
+                    return;
+                }
+                std::mem::take(&mut q.waiting)
+            };
+            let result = match self
+                .leader_op(g, LeaderOp::ReadIndex, &[], self.deadline())
+                .await
+            {
+                Ok(OpResult::ReadIndex(i)) => Ok(i),
+                Ok(other) => Err(unexpected(&other)),
+                Err(e) => Err(e),
+            };
+            for w in batch {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
     async fn read_barrier(&self, g: &Arc<Group>) -> Result<(), Error> {
         let deadline = self.deadline();
-        let index = match self
-            .leader_op(g, LeaderOp::ReadIndex, &[], deadline)
-            .await?
-        {
-            OpResult::ReadIndex(i) => i,
-            other => return Err(unexpected(&other)),
-        };
+        let index = self.read_index(g, deadline).await?;
         let wait = deadline.saturating_duration_since(Instant::now());
         g.raft
             .wait(Some(wait))
