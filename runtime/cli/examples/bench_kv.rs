@@ -221,9 +221,9 @@ fn main() -> anyhow::Result<()> {
 
     println!("\nload average at the end {}", loadavg());
     println!(
-        "\n| system | op | clients | ops/s | p50 | p99 | errors | server CPU (3 members, % of a core) |"
+        "\n| system | op | clients | ops/s | p50 | p99 | errors | server CPU (3 members) | client CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown());
     }
@@ -862,6 +862,7 @@ struct Row {
     errors: u64,
     first_error: Option<String>,
     cpu_percent: f64,
+    client_cpu_percent: f64,
 }
 
 impl Row {
@@ -875,13 +876,14 @@ impl Row {
             None => self.errors.to_string(),
         };
         format!(
-            "| {} | {op} | {} | {:.0} | {} | {} | {errors} | {:.0} % |",
+            "| {} | {op} | {} | {:.0} | {} | {} | {errors} | {:.0} % | {:.0} % |",
             self.label,
             self.clients,
             self.ops_per_s,
             ms(self.p50),
             ms(self.p99),
             self.cpu_percent,
+            self.client_cpu_percent,
         )
     }
 }
@@ -906,15 +908,16 @@ async fn measure(
     let counted_from = start + phase.warmup;
     let stop = start + phase.length;
     let cpu_before = Arc::new(std::sync::Mutex::new(None));
-    // The servers' CPU over the counted part of the phase.
+    // The servers' and the load client's CPU over the counted part of the phase.
     let sampler = {
         let pids: Vec<u32> = cluster.procs.iter().map(Proc::pid).collect();
         let cpu_before = cpu_before.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(counted_from.into()).await;
             let cpu: Duration = pids.iter().filter_map(|p| cpu_time(*p)).sum();
+            let own = cpu_time(std::process::id()).unwrap_or_default();
             if let Ok(mut b) = cpu_before.lock() {
-                *b = Some((Instant::now(), cpu));
+                *b = Some((Instant::now(), cpu, own));
             }
         })
     };
@@ -973,15 +976,25 @@ async fn measure(
             first_error = seen.first_error;
         }
     }
-    let cpu_after = (Instant::now(), cluster.cpu());
+    let (now, servers, own) = (
+        Instant::now(),
+        cluster.cpu(),
+        cpu_time(std::process::id()).unwrap_or_default(),
+    );
     let _ = sampler.await;
-    let cpu_percent = match cpu_before.lock().ok().and_then(|b| *b) {
-        Some((at, cpu)) => {
-            let wall = cpu_after.0.saturating_duration_since(at).as_secs_f64();
-            let used = cpu_after.1.saturating_sub(cpu).as_secs_f64();
-            if wall > 0.0 { 100.0 * used / wall } else { 0.0 }
+    let (cpu_percent, client_cpu_percent) = match cpu_before.lock().ok().and_then(|b| *b) {
+        Some((at, servers0, own0)) => {
+            let wall = now.saturating_duration_since(at).as_secs_f64();
+            let share = |after: Duration, before: Duration| {
+                if wall > 0.0 {
+                    100.0 * after.saturating_sub(before).as_secs_f64() / wall
+                } else {
+                    0.0
+                }
+            };
+            (share(servers, servers0), share(own, own0))
         }
-        None => 0.0,
+        None => (0.0, 0.0),
     };
     all.sort_unstable();
     let counted = (phase.length - phase.warmup).as_secs_f64();
@@ -1002,6 +1015,7 @@ async fn measure(
         errors,
         first_error,
         cpu_percent,
+        client_cpu_percent,
     })
 }
 
