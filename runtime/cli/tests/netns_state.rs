@@ -10,7 +10,7 @@
 //! 2. at least [`OPS`] operations from [`CLIENTS`] concurrent clients (gets, puts, conditional
 //!    puts, deletes on [`KEYS`] keys) while a driver partitions the hosts 2|3 and SIGKILLs
 //!    nodes (the node and its replicas, as in a power loss), the leader's among them, and
-//!    restarts them; the recorded history is linearizable (the WGL checker of
+//!    restarts them, at least [`MIN_FAULTS`] faults in all; the recorded history is linearizable (the WGL checker of
 //!    `beemesh_state::lincheck`) and no acknowledged write is lost;
 //! 3. an eventual workload of 5 replicas: a 2|3 partition with writes on both sides, then
 //!    healing: every replica converges to the same map, with every write;
@@ -39,6 +39,9 @@ const START: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(90);
 /// Operations the strong history holds at least.
 const OPS: u64 = 10_000;
+/// Faults the chaos phase injects at least (each of its three kinds twice), however fast the
+/// operations come.
+const MIN_FAULTS: usize = 6;
 const CLIENTS: u64 = 6;
 const KEYS: u64 = 24;
 /// The longest the chaos phase may run before the test gives up on reaching [`OPS`].
@@ -408,7 +411,8 @@ impl Rig {
             })
             .collect();
 
-        // The driver: faults in turn until the history is long enough.
+        // The driver: faults in turn until the history is long enough and every kind of
+        // fault happened twice.
         let mut rng = Rng(self.seed);
         let began = Instant::now();
         let mut faults = Vec::new();
@@ -420,7 +424,7 @@ impl Rig {
             }
         };
         let mut round = 0u64;
-        while done.load(Ordering::Relaxed) < OPS {
+        while done.load(Ordering::Relaxed) < OPS || faults.len() < MIN_FAULTS {
             assert!(
                 began.elapsed() < CHAOS_LIMIT,
                 "only {} operations after {CHAOS_LIMIT:?}",

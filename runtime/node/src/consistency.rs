@@ -265,6 +265,7 @@ fn raft_error(e: raft::Error) -> KvError {
         | E::Timeout { .. }
         | E::OutcomeUnknown { .. }
         | E::Busy { .. }
+        | E::WritesWaiting { .. }
         | E::UnknownGroup { .. }
         | E::Stopped { .. }
         | E::Transport { .. }) => KvError::Unavailable {

@@ -62,6 +62,14 @@ pub enum Error {
     OutcomeUnknown { group: GroupId, reason: String },
     #[error("busy: {pending} forwarded requests are pending on this node, at most {max}")]
     Busy { pending: usize, max: usize },
+    #[error(
+        "group {group} is busy: {waiting} writes are waiting for its leader to propose them, at most {max}; retry shortly"
+    )]
+    WritesWaiting {
+        group: GroupId,
+        waiting: usize,
+        max: usize,
+    },
     #[error("membership change in group {group} refused: {reason}")]
     MembershipRefused { group: GroupId, reason: String },
     #[error(
@@ -92,6 +100,7 @@ impl Error {
             Error::NoLeader { .. }
                 | Error::Unavailable { .. }
                 | Error::Busy { .. }
+                | Error::WritesWaiting { .. }
                 | Error::Transport { .. }
                 | Error::NotCaughtUp { .. }
         )

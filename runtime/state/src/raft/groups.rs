@@ -1,7 +1,7 @@
 //! [`Groups`]: every Raft group of one node, their lifecycle, their key-value API, and the
 //! routing of requests to each group's leader.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -87,7 +87,29 @@ struct Group {
     introducer: Mutex<Option<String>>,
     /// Reads waiting for a read index (see [`Groups::read_index`]).
     reads: Mutex<ReadQueue>,
+    /// Writes waiting to be proposed (see [`Groups::propose`]).
+    writes: Mutex<WriteQueue>,
 }
+
+/// A write's answer, once its batch is applied (or refused).
+type WriteTx = tokio::sync::oneshot::Sender<Result<OpResult, Exec>>;
+
+/// Writes waiting for this node, as the leader, to propose them, and how many tasks propose.
+#[derive(Default)]
+struct WriteQueue {
+    proposers: usize,
+    waiting: VecDeque<(KvCommand, WriteTx)>,
+}
+
+/// Batches a leader has in the Raft core at once: while they are appended, replicated and
+/// applied, the next writes gather into the following batches. (With `bench_kv` at 16 and
+/// 64 clients, 1 and 2 did about equally well, 4 a tenth worse and 8 a fifth worse: the core
+/// appends one proposal per fsync, so more in flight only makes each batch smaller.)
+const WRITE_PIPELINE: usize = 2;
+/// The most writes in one batch (one log entry).
+const MAX_BATCH_WRITES: usize = 512;
+/// The most writes waiting for a leader to propose them.
+const MAX_WAITING_WRITES: usize = 8192;
 
 /// A read's answer: the read index, or why there is none.
 type ReadIndexTx = tokio::sync::oneshot::Sender<Result<Option<u64>, Error>>;
@@ -381,6 +403,7 @@ impl<T: RaftTransport> Groups<T> {
             bootstrap: Mutex::new(None),
             introducer: Mutex::new(None),
             reads: Mutex::new(ReadQueue::default()),
+            writes: Mutex::new(WriteQueue::default()),
         }))
     }
 
@@ -934,6 +957,146 @@ impl<T: RaftTransport> Groups<T> {
         }
     }
 
+    /// Proposes a client's write on this node, the leader (a node that is not answers
+    /// [`Exec::NotLeader`]), and waits until it is applied.
+    ///
+    /// openraft 0.9's core appends each proposal as its own log entry and waits for that
+    /// append's fsync before it takes the next request, so a write per entry caps a group at
+    /// one write per fsync (about 2,400 a second on the build machine, docs/benchmarks.md).
+    /// Writes therefore wait in the group's queue, and up to [`WRITE_PIPELINE`] tasks take
+    /// all that wait (up to [`MAX_BATCH_WRITES`] and half an RPC's bytes) as one
+    /// [`KvCommand::Batch`]: one entry, one fsync, one replication, applied in order with a
+    /// result and a revision for each write. A lone write is proposed at once, as itself.
+    /// Every write is still linearized between its arrival and its answer.
+    async fn propose(
+        &self,
+        g: &Arc<Group>,
+        cmd: KvCommand,
+        deadline: Instant,
+    ) -> Result<OpResult, Exec> {
+        let key = cmd.key().to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = g.writes.lock().unwrap_or_else(|p| p.into_inner());
+            if q.waiting.len() >= MAX_WAITING_WRITES {
+                return Err(Exec::Fail(Error::WritesWaiting {
+                    group: g.id.clone(),
+                    waiting: q.waiting.len(),
+                    max: MAX_WAITING_WRITES,
+                }));
+            }
+            q.waiting.push_back((cmd, tx));
+            let start = q.proposers < WRITE_PIPELINE;
+            if start {
+                q.proposers += 1;
+            }
+            start
+        };
+        if start {
+            // A task of its own: the batches go on when the write that started them is dropped.
+            let (groups, g) = (self.clone(), g.clone());
+            tokio::spawn(async move { groups.write_rounds(&g).await });
+        }
+        let ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Exec::Fail(Error::Stopped {
+                group: g.id.clone(),
+                reason: format!("the write of key {key:?} was dropped"),
+            })),
+            Err(_) => Err(Exec::Fail(Error::Timeout {
+                group: g.id.clone(),
+                what: format!("the write of key {key:?}"),
+                ms,
+            })),
+        }
+    }
+
+    /// Proposes the writes queued on `g`, a batch at a time, until none is left.
+    async fn write_rounds(&self, g: &Arc<Group>) {
+        let max_bytes = self.inner.config.max_rpc_bytes / 2;
+        loop {
+            let batch = {
+                let mut q = g.writes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut batch: Vec<(KvCommand, WriteTx)> = Vec::new();
+                let mut bytes = 0;
+                while let Some((cmd, tx)) = q.waiting.pop_front() {
+                    // Its caller gave up (its answer is "unknown"): not proposing it is one
+                    // of the outcomes it allowed.
+                    if tx.is_closed() {
+                        continue;
+                    }
+                    let weight = cmd.weight();
+                    if !batch.is_empty()
+                        && (batch.len() >= MAX_BATCH_WRITES || bytes + weight > max_bytes)
+                    {
+                        q.waiting.push_front((cmd, tx));
+                        break;
+                    }
+                    bytes += weight;
+                    batch.push((cmd, tx));
+                }
+                if batch.is_empty() {
+                    q.proposers -= 1;
+                    return;
+                }
+                batch
+            };
+            let (mut commands, answers): (Vec<KvCommand>, Vec<WriteTx>) = batch.into_iter().unzip();
+            let proposal = match commands.len() {
+                1 => commands.remove(0),
+                _ => KvCommand::Batch(commands),
+            };
+            let batched = matches!(proposal, KvCommand::Batch(_));
+            let key = proposal.key().to_string();
+            let limit = self.inner.config.request_timeout();
+            let fail = |answers: Vec<WriteTx>, e: &dyn Fn() -> Exec| {
+                for a in answers {
+                    let _ = a.send(Err(e()));
+                }
+            };
+            match tokio::time::timeout(limit, g.raft.client_write(proposal)).await {
+                Ok(Ok(resp)) => {
+                    let results = match resp.data {
+                        ApplyResult::Batch(results) if batched => results,
+                        one => vec![one],
+                    };
+                    if results.len() != answers.len() {
+                        let reason = format!(
+                            "a batch of {} writes was applied with {} results",
+                            answers.len(),
+                            results.len()
+                        );
+                        fail(answers, &|| {
+                            Exec::Fail(Error::OutcomeUnknown {
+                                group: g.id.clone(),
+                                reason: reason.clone(),
+                            })
+                        });
+                        continue;
+                    }
+                    for (a, r) in answers.into_iter().zip(results) {
+                        let _ = a.send(Ok(OpResult::Applied(r)));
+                    }
+                }
+                Ok(Err(e)) => fail(answers, &|| write_error(g, e.clone())),
+                Err(_) => fail(answers, &|| {
+                    Exec::Fail(Error::Timeout {
+                        group: g.id.clone(),
+                        what: if batched {
+                            format!("a batch of writes (the first of key {key:?})")
+                        } else {
+                            format!("the write of key {key:?}")
+                        },
+                        ms: limit.as_millis() as u64,
+                    })
+                }),
+            }
+        }
+    }
+
     /// Serves the reads queued on `g`, a round at a time, until none is left.
     async fn read_rounds(&self, g: &Arc<Group>) {
         loop {
@@ -1170,11 +1333,7 @@ impl<T: RaftTransport> Groups<T> {
         match op {
             LeaderOp::Write(cmd) => {
                 cmd.check()?;
-                match tokio::time::timeout(remaining, g.raft.client_write(cmd.clone())).await {
-                    Err(_) => Err(timeout(format!("the write of key {:?}", cmd.key()))),
-                    Ok(Ok(resp)) => Ok(OpResult::Applied(resp.data)),
-                    Ok(Err(e)) => Err(write_error(g, e)),
-                }
+                self.propose(g, cmd.clone(), deadline).await
             }
             LeaderOp::ReadIndex => {
                 match tokio::time::timeout(remaining, g.raft.get_read_log_id()).await {

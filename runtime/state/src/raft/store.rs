@@ -593,58 +593,13 @@ fn apply_blocking(txn: &redb::WriteTransaction, entries: Vec<Entry>) -> R<Vec<Ap
                     .map_err(err("write membership"))?;
                 ApplyResult::Nothing
             }
-            EntryPayload::Normal(cmd) => {
-                let key = cmd.key().to_string();
-                let current = match kv.get(key.as_str()).map_err(err("read kv"))? {
-                    Some(g) => {
-                        let (rev, value) = kv_value(g.value())?;
-                        Some((rev, value.len()))
-                    }
-                    None => None,
-                };
-                let current_rev = current.map(|c| c.0).unwrap_or(0);
-                let if_revision = match &cmd {
-                    KvCommand::Put { if_revision, .. } | KvCommand::Delete { if_revision, .. } => {
-                        *if_revision
-                    }
-                };
-                match (cmd, if_revision) {
-                    (_, Some(expected)) if expected != current_rev => {
-                        ApplyResult::PreconditionFailed {
-                            key,
-                            expected,
-                            current: current_rev,
-                        }
-                    }
-                    (KvCommand::Put { value, .. }, _) => {
-                        let old = current.map(|(_, len)| cost(&key, len)).unwrap_or(0);
-                        let new = cost(&key, value.len());
-                        let next = size - old.min(size) + new;
-                        if next > MAX_STATE_BYTES && new > old {
-                            ApplyResult::StateFull {
-                                key,
-                                size,
-                                limit: MAX_STATE_BYTES,
-                            }
-                        } else {
-                            revision += 1;
-                            kv.insert(key.as_str(), kv_bytes(revision, &value).as_slice())
-                                .map_err(err("write kv"))?;
-                            size = next;
-                            ApplyResult::Written { revision }
-                        }
-                    }
-                    (KvCommand::Delete { .. }, _) => match current {
-                        None => ApplyResult::NotFound { revision },
-                        Some((_, len)) => {
-                            revision += 1;
-                            kv.remove(key.as_str()).map_err(err("delete kv"))?;
-                            size -= cost(&key, len).min(size);
-                            ApplyResult::Written { revision }
-                        }
-                    },
-                }
-            }
+            EntryPayload::Normal(KvCommand::Batch(commands)) => ApplyResult::Batch(
+                commands
+                    .into_iter()
+                    .map(|cmd| apply_command(&mut kv, &mut revision, &mut size, cmd))
+                    .collect::<R<Vec<_>>>()?,
+            ),
+            EntryPayload::Normal(cmd) => apply_command(&mut kv, &mut revision, &mut size, cmd)?,
         };
         results.push(result);
     }
@@ -657,6 +612,67 @@ fn apply_blocking(txn: &redb::WriteTransaction, entries: Vec<Entry>) -> R<Vec<Ap
     meta.insert(K_SIZE, &size.to_be_bytes()[..])
         .map_err(err("write size"))?;
     Ok(results)
+}
+
+/// Applies one write to the key-value table, advancing the group's revision and size.
+fn apply_command(
+    kv: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    revision: &mut u64,
+    size: &mut u64,
+    cmd: KvCommand,
+) -> R<ApplyResult> {
+    let key = cmd.key().to_string();
+    let current = match kv.get(key.as_str()).map_err(err("read kv"))? {
+        Some(g) => {
+            let (rev, value) = kv_value(g.value())?;
+            Some((rev, value.len()))
+        }
+        None => None,
+    };
+    let current_rev = current.map(|c| c.0).unwrap_or(0);
+    Ok(match (cmd, current) {
+        // Built only by a leader, flat; one nested in another (which no BeeMesh leader
+        // proposes) changes nothing, the same way on every replica.
+        (KvCommand::Batch(_), _) => ApplyResult::Nothing,
+        (cmd, _) if cmd.if_revision().is_some_and(|e| e != current_rev) => {
+            ApplyResult::PreconditionFailed {
+                key,
+                expected: cmd.if_revision().unwrap_or_default(),
+                current: current_rev,
+            }
+        }
+        (KvCommand::Put { value, .. }, current) => {
+            let old = current.map(|(_, len)| cost(&key, len)).unwrap_or(0);
+            let new = cost(&key, value.len());
+            let next = *size - old.min(*size) + new;
+            if next > MAX_STATE_BYTES && new > old {
+                ApplyResult::StateFull {
+                    key,
+                    size: *size,
+                    limit: MAX_STATE_BYTES,
+                }
+            } else {
+                *revision += 1;
+                kv.insert(key.as_str(), kv_bytes(*revision, &value).as_slice())
+                    .map_err(err("write kv"))?;
+                *size = next;
+                ApplyResult::Written {
+                    revision: *revision,
+                }
+            }
+        }
+        (KvCommand::Delete { .. }, None) => ApplyResult::NotFound {
+            revision: *revision,
+        },
+        (KvCommand::Delete { .. }, Some((_, len))) => {
+            *revision += 1;
+            kv.remove(key.as_str()).map_err(err("delete kv"))?;
+            *size -= cost(&key, len).min(*size);
+            ApplyResult::Written {
+                revision: *revision,
+            }
+        }
+    })
 }
 
 /// A state machine as serialized into a snapshot.

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -220,6 +220,110 @@ async fn concurrent_reads_share_leadership_confirmations_and_stay_linearizable()
     }
     let sent = c.net.delivered() - before;
     assert!(sent < 240, "{sent} messages for 240 reads");
+}
+
+/// Writes that wait together are proposed together: fewer log entries than writes, yet each
+/// write has its own revision and result (a conditional write that loses the race is refused
+/// alone), and a batch offered by a peer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_proposed_in_batches_each_with_its_own_result() {
+    use super::wire::{ForwardReply, LeaderOp, Request, RequestBody, Response, decode_limited};
+    let c = Cluster::new(&[A, B, C], RaftConfig::for_tests()).await;
+    let g = group("db");
+    c.create(&g, &[A, B, C]).await;
+    let leader = c.leader(&g, &[A, B, C], Duration::from_secs(10)).await;
+    // A little latency, so that writes pile up behind the batches in flight.
+    c.net
+        .set_delay(Duration::from_millis(2), Duration::from_millis(2), 3);
+    let before = c.node(&leader).status(&g).await.unwrap();
+    let mut writes = Vec::new();
+    for i in 0..300usize {
+        let node = c.node([A, B, C][i % 3]).clone();
+        let g = g.clone();
+        writes.push(tokio::spawn(async move {
+            let r = node
+                .put(&g, &format!("k{i:03}"), format!("v{i}").into_bytes(), None)
+                .await;
+            (format!("k{i:03}"), r)
+        }));
+    }
+    // Twenty writers race to create the same key: exactly one wins.
+    let mut racers = Vec::new();
+    for i in 0..20usize {
+        let node = c.node([A, B, C][i % 3]).clone();
+        let g = g.clone();
+        racers.push(tokio::spawn(async move {
+            node.put(&g, "once", format!("w{i}").into_bytes(), Some(0))
+                .await
+        }));
+    }
+    let mut revisions = BTreeSet::new();
+    for w in writes {
+        let (key, r) = within("a write", Duration::from_secs(30), w).await.unwrap();
+        let revision = r.unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(
+            revisions.insert(revision),
+            "revision {revision} given twice"
+        );
+        let got = c.node(&leader).get(&g, &key).await.unwrap().unwrap();
+        assert_eq!(got.revision, revision, "{key}");
+    }
+    let (mut won, mut refused) = (0, 0);
+    for r in racers {
+        match within("a racer", Duration::from_secs(30), r).await.unwrap() {
+            Ok(revision) => {
+                won += 1;
+                assert!(
+                    revisions.insert(revision),
+                    "revision {revision} given twice"
+                );
+            }
+            Err(Error::PreconditionFailed { current, .. }) => {
+                refused += 1;
+                assert!(current > 0);
+            }
+            Err(e) => panic!("racer: {e}"),
+        }
+    }
+    assert_eq!((won, refused), (1, 19));
+    // Revisions are the group's counter: 321 writes took 321 consecutive revisions.
+    let first = *revisions.first().unwrap();
+    assert_eq!(*revisions.last().unwrap(), first + 300);
+    assert_eq!(revisions.len(), 301);
+    let after = c.node(&leader).status(&g).await.unwrap();
+    let entries = after.commit_index.unwrap() - before.commit_index.unwrap();
+    assert!(
+        entries < 320,
+        "{entries} log entries for 320 writes: they were not batched"
+    );
+
+    // A peer cannot propose a batch of its own.
+    let forged = Request {
+        group: g.clone(),
+        body: RequestBody::Forward {
+            op: LeaderOp::Write(KvCommand::Batch(vec![KvCommand::Put {
+                key: "k000".into(),
+                value: b"forged".to_vec(),
+                if_revision: None,
+            }])),
+            timeout_ms: 1000,
+        },
+    };
+    let from = [A, B, C].into_iter().find(|p| *p != leader).unwrap();
+    let answer = c
+        .node(&leader)
+        .handle_rpc(from, &super::store::encode(&forged).unwrap())
+        .await;
+    let answer = decode_limited::<Response>("response", &answer, c.config.max_rpc_bytes).unwrap();
+    assert!(
+        matches!(
+            answer,
+            Response::Forward(ForwardReply::Failed(Error::InvalidKey { .. }))
+        ),
+        "{answer:?}"
+    );
+    let got = c.node(&leader).get(&g, "k000").await.unwrap().unwrap();
+    assert_eq!(got.value, b"v0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

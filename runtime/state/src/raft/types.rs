@@ -182,6 +182,10 @@ pub enum KvCommand {
         key: String,
         if_revision: Option<u64>,
     },
+    /// Writes proposed together in one log entry, applied in order, each with its own result
+    /// (one [`ApplyResult`] each, in [`ApplyResult::Batch`]). Built only by the leader from
+    /// the writes waiting for it (see `Groups::propose`); refused from anyone else.
+    Batch(Vec<KvCommand>),
 }
 
 impl KvCommand {
@@ -189,11 +193,40 @@ impl KvCommand {
     pub fn key(&self) -> &str {
         match self {
             KvCommand::Put { key, .. } | KvCommand::Delete { key, .. } => key,
+            KvCommand::Batch(commands) => commands.first().map_or("", KvCommand::key),
         }
     }
 
-    /// Checks key and value sizes before the command is proposed.
+    /// The revision the write is conditional on, if any (none for a batch).
+    pub fn if_revision(&self) -> Option<u64> {
+        match self {
+            KvCommand::Put { if_revision, .. } | KvCommand::Delete { if_revision, .. } => {
+                *if_revision
+            }
+            KvCommand::Batch(_) => None,
+        }
+    }
+
+    /// Bytes of key and value: what the command weighs in a log entry.
+    pub fn weight(&self) -> usize {
+        match self {
+            KvCommand::Put { key, value, .. } => key.len() + value.len(),
+            KvCommand::Delete { key, .. } => key.len(),
+            KvCommand::Batch(commands) => commands.iter().map(KvCommand::weight).sum(),
+        }
+    }
+
+    /// Checks key and value sizes before a client's command is proposed; a batch is never a
+    /// client's command.
     pub fn check(&self) -> Result<(), Error> {
+        if let KvCommand::Batch(_) = self {
+            return Err(Error::InvalidKey {
+                key: String::new(),
+                reason: "a batch of writes is built by the group's leader; \
+                         send the writes one by one"
+                    .into(),
+            });
+        }
         check_key(self.key())?;
         if let KvCommand::Put { key, value, .. } = self
             && value.len() > MAX_VALUE_BYTES
@@ -248,6 +281,8 @@ pub enum ApplyResult {
     },
     /// The put would take the state beyond [`MAX_STATE_BYTES`].
     StateFull { key: String, size: u64, limit: u64 },
+    /// The results of a [`KvCommand::Batch`], in its order.
+    Batch(Vec<ApplyResult>),
 }
 
 /// A value as read, with the revision at which its key was last written.

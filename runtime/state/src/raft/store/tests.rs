@@ -132,6 +132,63 @@ async fn conditional_writes_and_revisions() {
     assert_eq!(applied.map(|l| l.index), Some(9));
 }
 
+/// A batch applies its writes in order, exactly as the same writes in separate entries
+/// would: the same results, revisions and final state on every replica.
+#[tokio::test]
+async fn a_batch_applies_like_its_writes_one_by_one() {
+    let writes = vec![
+        put("a", b"1", None),
+        put("b", b"2", Some(0)),
+        put("b", b"3", Some(0)), // refused alone: the others still apply
+        put("a", b"4", Some(1)),
+        del("zz", None),
+        del("b", Some(2)),
+        put("c", b"6", None),
+    ];
+    let (one_dir, batch_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut one = open(one_dir.path(), PEER).await.unwrap();
+    let mut batch = open(batch_dir.path(), PEER).await.unwrap();
+    let singles = one.sm.apply(entries(1, writes.clone())).await.unwrap();
+    let batched = batch
+        .sm
+        .apply(entries(1, vec![KvCommand::Batch(writes)]))
+        .await
+        .unwrap();
+    assert_eq!(batched, vec![ApplyResult::Batch(singles.clone())]);
+    assert_eq!(
+        singles[2],
+        ApplyResult::PreconditionFailed {
+            key: "b".into(),
+            expected: 0,
+            current: 2,
+        }
+    );
+    assert_eq!(singles[6], ApplyResult::Written { revision: 5 });
+    let everything = |s: &Storage| {
+        let (items, _, revision) = s.reader.list("", None, 100).unwrap();
+        let items: Vec<(String, Vec<u8>, u64)> = items
+            .into_iter()
+            .map(|i| (i.key, i.value, i.revision))
+            .collect();
+        (items, revision)
+    };
+    assert_eq!(everything(&one), everything(&batch));
+    assert_eq!(everything(&batch).0.len(), 2, "{:?}", everything(&batch));
+    // Nested batches are never proposed; one changes nothing, identically everywhere.
+    let nested = batch
+        .sm
+        .apply(entries(
+            2,
+            vec![KvCommand::Batch(vec![KvCommand::Batch(vec![put(
+                "n", b"x", None,
+            )])])],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(nested, vec![ApplyResult::Batch(vec![ApplyResult::Nothing])]);
+    assert_eq!(everything(&batch).0.len(), 2);
+}
+
 #[tokio::test]
 async fn listing_pages_by_prefix() {
     let dir = tempfile::tempdir().unwrap();
