@@ -99,7 +99,7 @@
             doCheck = false;
           });
         }
-        # vm-mesh-join, vm-schedule, vm-node-loss, vm-unsigned-rejected
+        # vm-mesh-join, vm-schedule, vm-node-loss, vm-unsigned-rejected, vm-state
         // lib.mapAttrs' (name: test: lib.nameValuePair "vm-${name}" test) (vmTests pkgs)
       );
 

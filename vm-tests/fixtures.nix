@@ -40,6 +40,13 @@ runCommand "beemesh-vm-test-fixtures" { nativeBuildInputs = [ beemesh ]; } ''
   workload hello 2 > hello.toml
   beemesh sign hello.toml --key operator.key --out hello.signed.toml
 
+  # state: examples/counter.toml as a strong workload of 3 replicas, on the tests' image.
+  sed -e 's/^replicas = 2$/replicas = 3/' -e 's/^mode = "eventual"$/mode = "strong"/' \
+    -e 's|localhost/busybox:latest|localhost/busybox:vm|' ${../examples/counter.toml} > counter.toml
+  grep -q '^mode = "strong"$' counter.toml
+  grep -q '^replicas = 3$' counter.toml
+  beemesh sign counter.toml --key operator.key --out counter.signed.toml
+
   # unsigned-rejected: the same envelope without its signatures, one signed by a key the
   # nodes do not trust, and a control that they accept.
   workload intruder 1 > intruder.toml

@@ -5,4 +5,5 @@
   "schedule"
   "node-loss"
   "unsigned-rejected"
+  "state"
 ]

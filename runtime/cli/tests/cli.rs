@@ -1062,19 +1062,21 @@ fn status_of(sock: &Path) -> serde_json::Value {
     serde_json::from_str(&out).expect("status JSON")
 }
 
-#[test]
-fn apply_wait_logs_and_delete_wait_against_a_running_node() {
-    let dir = TempDir::new().expect("tempdir");
-    let mesh = test_mesh(dir.path());
-    let op = mesh.op.clone();
-    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
+/// Two nodes, "one" and "two" (the second bootstrapped from the first), once each sees the
+/// other; with their API sockets.
+fn start_pair(
+    dir: &Path,
+    mesh: &TestMesh,
+    landlock: &str,
+) -> (NodeProcess, PathBuf, NodeProcess, PathBuf) {
+    let (one, sock) = start_node(dir, mesh, "one", None, landlock);
     let status = status_of(&sock);
     let boot = format!(
         "{}/p2p/{}",
         status["listen"][0].as_str().expect("a listen address"),
         status["peer_id"].as_str().expect("a peer id")
     );
-    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "best-effort");
+    let (two, sock_two) = start_node(dir, mesh, "two", Some(&boot), landlock);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
         assert!(
@@ -1083,6 +1085,15 @@ fn apply_wait_logs_and_delete_wait_against_a_running_node() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    (one, sock, two, sock_two)
+}
+
+#[test]
+fn apply_wait_logs_and_delete_wait_against_a_running_node() {
+    let dir = TempDir::new().expect("tempdir");
+    let mesh = test_mesh(dir.path());
+    let op = mesh.op.clone();
+    let (_one, sock, _two, _sock_two) = start_pair(dir.path(), &mesh, "best-effort");
     let api = |c: &mut Command| {
         c.arg("--api").arg(&sock);
     };
@@ -1239,23 +1250,11 @@ fn a_process_driver_workload_cannot_reach_the_node_api_of_a_confined_daemon() {
     let dir = TempDir::new().expect("tempdir");
     let mesh = test_mesh(dir.path());
     // Two nodes (a lone node places nothing it has no record of), both confined.
-    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "required");
-    let status = status_of(&sock);
-    assert_ne!(status["sandbox"]["landlock"]["enforcement"], "not-enforced");
-    let boot = format!(
-        "{}/p2p/{}",
-        status["listen"][0].as_str().expect("a listen address"),
-        status["peer_id"].as_str().expect("a peer id")
+    let (_one, sock, _two, sock_two) = start_pair(dir.path(), &mesh, "required");
+    assert_ne!(
+        status_of(&sock)["sandbox"]["landlock"]["enforcement"],
+        "not-enforced"
     );
-    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "required");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the two nodes never saw each other"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 
     // A replica that tries its own node's API socket (<node dir>/run/api.sock; HOME is
     // <node dir>/data/process/<replica>/data) with the program a user would use.
@@ -1454,22 +1453,7 @@ fn kv_reads_and_writes_a_workloads_state_against_a_running_node() {
     let op = mesh.op.clone();
     // Two nodes (a node alone places nothing): the replica runs on either, and the CLI talks
     // to the first, which forwards the requests when the replica is on the second.
-    let (_one, sock) = start_node(dir.path(), &mesh, "one", None, "best-effort");
-    let status = status_of(&sock);
-    let boot = format!(
-        "{}/p2p/{}",
-        status["listen"][0].as_str().expect("a listen address"),
-        status["peer_id"].as_str().expect("a peer id")
-    );
-    let (_two, sock_two) = start_node(dir.path(), &mesh, "two", Some(&boot), "best-effort");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while status_of(&sock)["peers"] != 1 || status_of(&sock_two)["peers"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the two nodes never saw each other"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (_one, sock, _two, sock_two) = start_pair(dir.path(), &mesh, "best-effort");
     let kv = |args: &[&str]| {
         let mut c = beemesh();
         c.arg("--api")
