@@ -459,6 +459,12 @@ impl Rig {
                     // SIGKILL of the leader's node, restarted a little later; another node
                     // leads within the election timeout and the stated margin.
                     let killed = self.members[leader].node.name().to_owned();
+                    // The API names a node it no longer sees by its peer id.
+                    let killed_id = self.members[leader]
+                        .node
+                        .api()
+                        .peer_id()
+                        .unwrap_or_else(|e| panic!("the peer id of {killed}: {e}"));
                     faults.push(format!("SIGKILL leader {killed}"));
                     let at = Instant::now();
                     self.power_off(leader);
@@ -468,7 +474,9 @@ impl Rig {
                         || {
                             let v = self.view(STRONG)?;
                             match v["group"]["leader"].as_str() {
-                                Some(l) if !l.is_empty() && l != killed => Ok(l.to_owned()),
+                                Some(l) if !l.is_empty() && l != killed && l != killed_id => {
+                                    Ok(l.to_owned())
+                                }
                                 other => Err(format!("leader {other:?}")),
                             }
                         },
