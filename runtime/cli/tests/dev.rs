@@ -441,6 +441,15 @@ fn one_node_places_at_once_in_solo_mode() {
 }
 
 /// The user whose rootless Podman the test uses, and its runtime directory.
+/// The tests that run `beemesh dev` on rootless Podman share one user's Podman, and every
+/// `dev` names its nodes dev-1, dev-2, ...: a node stops the labelled replicas of its own
+/// name that it does not want (`beemesh_driver::reconcile`), so two of them at once would
+/// stop each other's replicas. They take turns.
+fn podman_dev_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn podman_user() -> Result<RunAs, String> {
     if !is_root() {
         let uid = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
@@ -524,6 +533,7 @@ fn skip_or_fail(test: &str, reason: &str) {
 #[test]
 fn three_nodes_run_the_printed_example_with_rootless_podman() {
     const TEST: &str = "three_nodes_run_the_printed_example_with_rootless_podman";
+    let _turn = podman_dev_turn();
     let run_as = match podman_user() {
         Ok(r) => r,
         Err(reason) => return skip_or_fail(TEST, &reason),
@@ -636,6 +646,7 @@ fn replicas_share_eventual_state_with_the_process_driver() {
 #[test]
 fn replicas_share_eventual_state_through_their_sidecars_with_rootless_podman() {
     const TEST: &str = "replicas_share_eventual_state_through_their_sidecars_with_rootless_podman";
+    let _turn = podman_dev_turn();
     let run_as = match podman_user() {
         Ok(r) => r,
         Err(reason) => return skip_or_fail(TEST, &reason),
@@ -743,6 +754,7 @@ impl Counted {
 fn a_statefulset_converts_to_a_strong_workload_whose_replicas_share_a_counter_with_rootless_podman()
 {
     const TEST: &str = "a_statefulset_converts_to_a_strong_workload_whose_replicas_share_a_counter_with_rootless_podman";
+    let _turn = podman_dev_turn();
     const REPLICAS: usize = 3;
     /// Enough counts for the replicas to have raced each other a few times (about 10 s).
     const MIN_COUNTS: usize = 15;

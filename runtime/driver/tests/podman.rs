@@ -16,7 +16,7 @@ use beemesh_driver::{
     BackoffPolicy, ContainerDriver, ContainerState, Enforcement, EnsureAction, PodmanConfig,
     PodmanDriver, ReplicaState, procfs, reconcile,
 };
-use common::{NODE, manifest, spec, wait_for, wait_for_log};
+use common::{manifest, spec, wait_for, wait_for_log};
 use futures_util::StreamExt;
 use podman_api::Podman;
 use podman_api::opts::{ContainerListFilter, ContainerListOpts, ExecCreateOpts};
@@ -265,6 +265,9 @@ volumes = [{{ name = "tmp", path = "/tmp", memory = true, size = "1Mi" }}]
     assert!(!d.list().await.expect("list").iter().any(|r| r.id == s.id));
 }
 
+/// The node name of `restarted_daemon_adopts_and_killed_container_is_restarted`.
+const ADOPT_NODE: &str = "adopt-test-node";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_daemon_adopts_and_killed_container_is_restarted() {
     let Some((d, podman)) = driver().await else {
@@ -277,7 +280,10 @@ async fn restarted_daemon_adopts_and_killed_container_is_restarted() {
             "[[container]]\nname = \"main\"\nimage = \"{image}\"\ncommand = [\"sleep\", \"300\"]\nvolumes = [{{ name = \"scratch\", path = \"/scratch\" }}]\n"
         ),
     );
-    let s = spec(m, "sha256:adopt-1");
+    // A node name of its own: the reconcile pass at the end removes every replica of its
+    // node that it is not given, and the other tests' replicas (running at the same time in
+    // the same Podman) are labelled with the common one.
+    let s = beemesh_driver::ReplicaSpec::new(m, 0, "sha256:adopt-1", ADOPT_NODE);
     let volume = format!("{}_main_scratch", s.id.object_name());
     let _ = d.stop(&s.id).await;
     let pod = s.id.object_name();
@@ -312,7 +318,7 @@ async fn restarted_daemon_adopts_and_killed_container_is_restarted() {
         .find(|r| r.id == s.id)
         .expect("listed by labels");
     assert_eq!(info.content_id, "sha256:adopt-1");
-    assert_eq!(info.node, NODE);
+    assert_eq!(info.node, ADOPT_NODE);
 
     // Killed from outside: the reconcile loop's next `ensure` starts it again.
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid1).expect("pid fits")).expect("pid");
@@ -331,7 +337,7 @@ async fn restarted_daemon_adopts_and_killed_container_is_restarted() {
     assert_eq!(members.len(), 1, "restarted in place: {members:?}");
 
     // A new content id replaces it.
-    let s2 = spec(s.manifest.clone(), "sha256:adopt-2");
+    let s2 = beemesh_driver::ReplicaSpec::new(s.manifest.clone(), 0, "sha256:adopt-2", ADOPT_NODE);
     let replaced = d2.ensure(&s2).await.expect("ensure");
     assert_eq!(replaced.action, EnsureAction::Replaced, "{replaced:?}");
     let members = pod_members(&podman, &pod).await;
@@ -339,7 +345,9 @@ async fn restarted_daemon_adopts_and_killed_container_is_restarted() {
     assert_ne!(members[0].id, id1);
 
     // No longer wanted: one reconcile pass removes it.
-    let outcome = reconcile(&d2, &[], NODE, false).await.expect("reconcile");
+    let outcome = reconcile(&d2, &[], ADOPT_NODE, false)
+        .await
+        .expect("reconcile");
     assert!(
         outcome
             .removed
