@@ -54,6 +54,12 @@ pub(crate) struct Coord<I> {
     pub ready_at: Millis,
     /// The workload arrived new while this node coordinated: nothing of it can exist yet.
     pub fresh: bool,
+    /// A strong workload of which no claim is known is not placed (and its Raft group not
+    /// formed) before this. A coordinator that took it over from a live mesh cannot tell
+    /// "never placed" from "its hosts have not told me yet" (they retarget their reports when
+    /// their own view changes, which may lag this node's): it waits a full report interval,
+    /// within which every live host has reported, rather than form a second group.
+    pub bootstrap_at: Millis,
     pub retry_at: Millis,
     pub failed_rounds: u32,
     /// Cannot be placed with the current membership: retried only when it grows.
@@ -174,7 +180,12 @@ pub(crate) fn claim_key<I: NodeKey>(
 }
 
 impl<I: NodeKey> Coord<I> {
-    pub fn new(spec: Arc<WorkloadSpec>, ready_at: Millis, fresh: bool) -> Self {
+    pub fn new(
+        spec: Arc<WorkloadSpec>,
+        ready_at: Millis,
+        fresh: bool,
+        bootstrap_at: Millis,
+    ) -> Self {
         Self {
             ring: workload_ring(&spec.id),
             spec,
@@ -184,6 +195,7 @@ impl<I: NodeKey> Coord<I> {
             tender: None,
             ready_at,
             fresh,
+            bootstrap_at: bootstrap_at.max(ready_at),
             retry_at: 0,
             failed_rounds: 0,
             parked: None,
@@ -191,6 +203,16 @@ impl<I: NodeKey> Coord<I> {
             wake: None,
             last_report: BTreeMap::new(),
         }
+    }
+
+    /// No claim of the workload was ever seen (every epoch seen raises `next_epoch`) and
+    /// nothing is held or awarded.
+    pub fn unclaimed(&self) -> bool {
+        self.next_epoch == 1
+            && self
+                .slots
+                .values()
+                .all(|s| s.holder.is_none() && s.pending.is_none())
     }
 
     /// Whether anything of this workload involves `node`.
@@ -276,8 +298,17 @@ impl<I: NodeKey> Scheduler<I> {
         } else {
             (now + self.config.takeover_grace).max(self.settle_end())
         };
+        // Taken over while this node was settled (a coordinator left): hosts of the workload
+        // learn of the change on their own schedule, so a group may exist that no report has
+        // named yet. At start-up the settle window and every host's report on seeing this node
+        // join cover the same ground.
+        let bootstrap_at = if fresh || !self.settled(now) {
+            ready_at
+        } else {
+            now.saturating_add(self.config.report_interval)
+        };
         self.coords
-            .insert(w.clone(), Coord::new(spec, ready_at, fresh));
+            .insert(w.clone(), Coord::new(spec, ready_at, fresh, bootstrap_at));
         // This node's own replicas of the workload are claims like any other.
         let own: Vec<(WorkloadRef, ReportedReplica<I>)> = self
             .held
@@ -633,6 +664,10 @@ impl<I: NodeKey> Scheduler<I> {
             wake.at(c.ready_at);
             return true;
         }
+        if spec.strong && now < c.bootstrap_at && c.unclaimed() {
+            wake.at(c.bootstrap_at);
+            return true;
+        }
         let solo_block = !c.fresh && !self.config.solo && self.members.live_count() <= 1;
         let mut to_tender: Vec<ReplicaIndex> = Vec::new();
         for index in 0..wanted {
@@ -961,12 +996,7 @@ impl<I: NodeKey> Scheduler<I> {
             // (every epoch seen raises `next_epoch`), nothing was awarded before, and a
             // coordinator that took it over waited out the takeover grace for reports. This
             // round's hosts are its Raft group's first voters.
-            let first = spec.strong
-                && (c.fresh || now >= c.ready_at)
-                && c.next_epoch == 1
-                && c.slots
-                    .values()
-                    .all(|s| s.holder.is_none() && s.pending.is_none());
+            let first = spec.strong && now >= c.bootstrap_at && c.unclaimed();
             let bootstrap: Vec<I> = if first {
                 winners.keys().cloned().collect()
             } else {

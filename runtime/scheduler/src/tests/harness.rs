@@ -510,6 +510,20 @@ impl Cluster {
         self.sync_views();
     }
 
+    /// Kills a node, but only `by` notice at once; the others keep believing it is up (their
+    /// messages to it are lost) until [`Cluster::sync_views`]: failure detection with skew.
+    pub fn kill_noticed_by(&mut self, id: u32, by: &[u32]) {
+        let n = self.nodes.get_mut(&id).unwrap();
+        n.alive = false;
+        n.running.clear();
+        n.sees.clear();
+        for &b in by {
+            if self.nodes.get_mut(&b).unwrap().sees.remove(&id) {
+                self.input(b, Input::NodeDown { node: id });
+            }
+        }
+    }
+
     /// Restarts a dead node from what it persisted. Without network it sees nobody.
     pub fn revive(&mut self, id: u32, network: bool) {
         let cfg = self.config.clone();

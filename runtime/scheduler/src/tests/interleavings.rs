@@ -509,6 +509,68 @@ fn a_strong_workload_is_bootstrapped_once_by_its_first_hosts() {
 }
 
 #[test]
+fn a_coordinator_taking_over_before_the_hosts_notice_does_not_form_a_second_group() {
+    let mut c = uniform(7);
+    settle(&mut c);
+    // A strong workload whose coordinator's successor hosts none of it (it would know its own
+    // claims): its Raft group was formed once, by its first hosts.
+    let formed =
+        |c: &Cluster, w: &crate::WorkloadId| c.bootstraps.iter().filter(|b| b.2 == *w).count();
+    let (w, old, next) = (0..20)
+        .find_map(|i| {
+            let mut w = spec(&format!("db{i}"), 3, Spread::Node);
+            w.strong = true;
+            c.submit(w.clone());
+            c.run_for(2_000);
+            c.assert_exact(&w.id);
+            let order = c.sched(0).status_sources(&w.id, 2);
+            let hosts: BTreeSet<u32> = c.running(&w.id).into_iter().map(|r| r.0).collect();
+            (!hosts.contains(&order[1])).then_some((w, order[0], order[1]))
+        })
+        .unwrap();
+    assert_eq!(formed(&c, &w.id), 3, "{:?}", c.bootstraps);
+    // The coordinator dies; its successor notices at once, every other node (the hosts
+    // among them) only after three takeover graces: the successor hears of no claim then.
+    c.kill_noticed_by(old, &[next]);
+    assert!(c.sched(next).is_coordinating(&w.id));
+    let lag = 3 * c.config.takeover_grace;
+    assert!(lag < c.config.report_interval);
+    c.run_for(lag);
+    assert_eq!(formed(&c, &w.id), 3, "formed again: {:?}", c.bootstraps);
+    c.sync_views();
+    c.run_for(c.config.report_interval * 2);
+    c.assert_exact(&w.id);
+    assert_eq!(formed(&c, &w.id), 3, "formed again: {:?}", c.bootstraps);
+    // A strong workload the successor never heard a claim of is placed once the report
+    // interval has passed: taking over delays it, never forgets it.
+    let mut fresh = spec("db2", 3, Spread::Node);
+    fresh.strong = true;
+    let alive = c.alive();
+    let coord2 = c.sched(alive[0]).status_sources(&fresh.id, 1)[0];
+    let others: Vec<u32> = alive.iter().copied().filter(|n| *n != coord2).collect();
+    // Only the coordinator-to-be's successor knows the manifest; then the coordinator dies.
+    c.submit_to(fresh.clone(), &others);
+    let heir = c.sched(others[0]).status_sources(&fresh.id, 2);
+    assert_eq!(heir[0], coord2);
+    c.kill(coord2);
+    let gained = c.now;
+    c.run_for(c.config.report_interval * 2);
+    c.assert_exact(&fresh.id);
+    let formed: Vec<u64> = c
+        .bootstraps
+        .iter()
+        .filter(|b| b.2 == fresh.id)
+        .map(|b| b.0)
+        .collect();
+    assert_eq!(formed.len(), 3, "{:?}", c.bootstraps);
+    assert!(
+        formed
+            .iter()
+            .all(|t| *t >= gained + c.config.report_interval)
+    );
+}
+
+#[test]
 fn a_strong_workloads_replicas_are_replaced_one_at_a_time() {
     // Two hosts of each workload die at once; a replica takes 2 s to run.
     for strong in [true, false] {
