@@ -16,11 +16,11 @@ use crate::hash::{SplitMix, mix, tiebreak};
 use crate::host::issuer_distance;
 use crate::members::node_ring;
 use crate::message::{
-    Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica,
+    Award, Bid, Decline, DeclineReason, Formed, Message, Refuse, Release, Report, ReportedReplica,
     ReportedWorkload, Revoke, RevokeReason, SlotAward, Tender, WorkloadRef,
 };
 use crate::scheduler::{
-    PlacementView, Refusal, Scheduler, Timer, Verified, WorkloadStatus, workload_ring,
+    MAX_FORMED, PlacementView, Refusal, Scheduler, Timer, Verified, WorkloadStatus, workload_ring,
 };
 use crate::score;
 use crate::types::{
@@ -66,6 +66,9 @@ pub(crate) struct Coord<I> {
     pub parked: Option<String>,
     /// Could not be placed for lack of free capacity: retried with backoff.
     pub shortfall: Option<String>,
+    /// A strong workload whose group was formed but of which no claim reached this
+    /// coordinator: not placed (why, for the status).
+    pub orphaned: Option<String>,
     pub wake: Option<Millis>,
     /// The last report applied from each host: its sequence number and when.
     pub last_report: BTreeMap<I, (u64, Millis)>,
@@ -200,6 +203,7 @@ impl<I: NodeKey> Coord<I> {
             failed_rounds: 0,
             parked: None,
             shortfall: None,
+            orphaned: None,
             wake: None,
             last_report: BTreeMap::new(),
         }
@@ -272,7 +276,11 @@ impl<I: NodeKey> Coord<I> {
             placed,
             running,
             placements,
-            unschedulable: self.parked.clone().or_else(|| self.shortfall.clone()),
+            unschedulable: self
+                .orphaned
+                .clone()
+                .or_else(|| self.parked.clone())
+                .or_else(|| self.shortfall.clone()),
             authoritative: true,
         }
     }
@@ -355,6 +363,76 @@ impl<I: NodeKey> Scheduler<I> {
             }
         }
         self.drive(&w, now);
+    }
+
+    /// A strong workload's group was formed, says `from`. Believed only from the workload's
+    /// coordinator (in this node's view, or its predecessor within the takeover grace), for a
+    /// strong workload of the verified desired state: a node that is not may not stop a
+    /// group from forming.
+    pub(crate) fn on_formed(&mut self, from: &I, f: Formed, now: Millis) {
+        let w = f.workload.id.clone();
+        if !self.may_command(from, &w, now) {
+            self.refuse(from, "formed", Refusal::NotCoordinator);
+            return;
+        }
+        match self.verified(&f.workload) {
+            Verified::Yes(_) | Verified::Stale => {}
+            Verified::Mismatch => {
+                self.refuse(from, "formed", Refusal::ContentMismatch);
+                return;
+            }
+            Verified::Unknown => {
+                let r = f.workload.clone();
+                self.defer(from, r, Message::Formed(f), now);
+                return;
+            }
+        }
+        let strong = self.desired.get(&w).is_some_and(|d| d.strong && !d.deleted);
+        if strong && self.formed.len() < MAX_FORMED && self.formed.insert(w) {
+            self.persist_dirty = true;
+        }
+    }
+
+    /// Every member learns that `spec`'s group is being formed now (its first hosts were
+    /// just awarded with `bootstrap`), this node first.
+    fn announce_formed(&mut self, spec: &WorkloadSpec) {
+        if self.formed.len() < MAX_FORMED {
+            self.formed.insert(spec.id.clone());
+            self.persist_dirty = true;
+        }
+        let workload = WorkloadRef::of(spec);
+        let members: Vec<I> = self
+            .members
+            .live_nodes()
+            .map(|(_, n, _)| n)
+            .filter(|n| **n != self.local)
+            .cloned()
+            .collect();
+        for m in members {
+            self.send(
+                &m,
+                Message::Formed(Formed {
+                    workload: workload.clone(),
+                }),
+            );
+        }
+    }
+
+    /// Tells `node` (just joined) of the formed groups of the workloads this node coordinates
+    /// or just handed to it: it may coordinate them one day.
+    pub(crate) fn tell_formed(&mut self, node: &I, _now: Millis) {
+        let tell: Vec<WorkloadRef> = self
+            .formed
+            .iter()
+            .filter(|w| {
+                self.coordinator(w)
+                    .is_some_and(|c| c == self.local || &c == node)
+            })
+            .filter_map(|w| self.desired.get(w).map(|s| WorkloadRef::of(s)))
+            .collect();
+        for workload in tell {
+            self.send(node, Message::Formed(Formed { workload }));
+        }
     }
 
     pub(crate) fn prune_early_reports(&mut self, now: Millis) {
@@ -664,9 +742,23 @@ impl<I: NodeKey> Scheduler<I> {
             wake.at(c.ready_at);
             return true;
         }
-        if spec.strong && now < c.bootstrap_at && c.unclaimed() {
-            wake.at(c.bootstrap_at);
-            return true;
+        c.orphaned = None;
+        if spec.strong && c.unclaimed() {
+            if now < c.bootstrap_at {
+                wake.at(c.bootstrap_at);
+                return true;
+            }
+            if self.formed.contains(w) {
+                // Placing it now would form its group again, empty, beside the real one.
+                c.orphaned = Some(format!(
+                    "its Raft group was formed, but none of its replicas has been reported to \
+                     this coordinator for {} s: their nodes are down or out of reach. It is not \
+                     placed again with an empty state; it resumes when one of them returns \
+                     (delete the workload and apply it again to start over, empty)",
+                    self.config.report_interval / 1000
+                ));
+                return true;
+            }
         }
         let solo_block = !c.fresh && !self.config.solo && self.members.live_count() <= 1;
         let mut to_tender: Vec<ReplicaIndex> = Vec::new();
@@ -996,7 +1088,8 @@ impl<I: NodeKey> Scheduler<I> {
             // (every epoch seen raises `next_epoch`), nothing was awarded before, and a
             // coordinator that took it over waited out the takeover grace for reports. This
             // round's hosts are its Raft group's first voters.
-            let first = spec.strong && now >= c.bootstrap_at && c.unclaimed();
+            let first =
+                spec.strong && now >= c.bootstrap_at && c.unclaimed() && !self.formed.contains(w);
             let bootstrap: Vec<I> = if first {
                 winners.keys().cloned().collect()
             } else {
@@ -1035,6 +1128,9 @@ impl<I: NodeKey> Scheduler<I> {
             }
             self.stats.awards += winners.len() as u64;
             self.stats.replicas_awarded += placed as u64;
+            if first {
+                self.announce_formed(&spec);
+            }
         }
         self.release_bidders(w, &t, Some(&winners));
         let unfilled = need.len() - placed;

@@ -14,7 +14,7 @@ use crate::message::{
     Award, Bid, Decline, DeclineReason, Message, Refuse, Report, ReportedReplica, ReportedWorkload,
     Revoke, SlotEpoch, Tender, WorkloadRef,
 };
-use crate::scheduler::{LocalAssignments, Output, Refusal, Scheduler, Timer, Verified};
+use crate::scheduler::{LocalAssignments, MAX_FORMED, Output, Refusal, Scheduler, Timer, Verified};
 use crate::score;
 use crate::types::{
     Millis, NodeKey, ReplicaId, ReplicaIndex, ReplicaState, Resources, WorkloadId, WorkloadSpec,
@@ -662,6 +662,12 @@ impl<I: NodeKey> Scheduler<I> {
     }
 
     pub(crate) fn restore_assignments(&mut self, saved: LocalAssignments<I>, _now: Millis) {
+        // Bounded by the desired state once it arrives: a tombstone removes an entry.
+        for w in saved.formed.into_iter().take(MAX_FORMED) {
+            if !self.desired.get(&w).is_some_and(|d| d.deleted) {
+                self.formed.insert(w);
+            }
+        }
         let mut touched: Vec<WorkloadId> = Vec::new();
         for a in saved.assignments {
             if a.spec.deleted

@@ -44,7 +44,7 @@ pub use config::SchedulerConfig;
 pub use hash::{stable_hash, tiebreak};
 pub use members::MemberTable;
 pub use message::{
-    Award, Bid, Decline, DeclineReason, Message, Refuse, Release, Report, ReportedReplica,
+    Award, Bid, Decline, DeclineReason, Formed, Message, Refuse, Release, Report, ReportedReplica,
     ReportedWorkload, Revoke, RevokeReason, SlotAward, SlotEpoch, Tender, WorkloadRef,
 };
 pub use scheduler::{

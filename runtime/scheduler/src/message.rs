@@ -62,6 +62,10 @@ pub enum Message<I> {
     Report(Report<I>),
     /// Coordinator → host: stop this claim (it lost to a better one, or is no longer wanted).
     Revoke(Revoke),
+    /// Coordinator → every member: this strong workload's Raft group was formed (its first
+    /// hosts were told to bootstrap it). A later coordinator that hears no claim of it never
+    /// forms it again: it reports the workload's voters as out of reach instead.
+    Formed(Formed),
 }
 
 impl<I> Message<I> {
@@ -76,6 +80,7 @@ impl<I> Message<I> {
             Message::Refuse(_) => "refuse",
             Message::Report(_) => "report",
             Message::Revoke(_) => "revoke",
+            Message::Formed(_) => "formed",
         }
     }
 }
@@ -239,6 +244,13 @@ pub struct ReportedReplica<I> {
     pub relinquish: bool,
     /// The award this claim rests on, signed by the coordinator that issued it.
     pub award: AwardProof<I>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Formed {
+    /// The generation whose first placement formed the group (the group lives as long as
+    /// the workload, across generations).
+    pub workload: WorkloadRef,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,6 +27,8 @@ const FETCH_EVERY: Millis = 5_000;
 const MAX_FETCHING: usize = 256;
 /// Former members remembered (whose awards still count): at most this many, this long.
 const MAX_FORMER: usize = 4096;
+/// Strong workloads remembered as formed (each is one of the verified desired state).
+pub(crate) const MAX_FORMED: usize = 65_536;
 const FORMER_TTL: Millis = 3_600_000;
 /// Membership changes remembered for the takeover grace of [`Scheduler::may_command`].
 const MAX_HANDOVERS: usize = 256;
@@ -145,6 +147,10 @@ pub struct LocalAssignments<I> {
     pub version: u32,
     #[serde(default = "Vec::new")]
     pub assignments: Vec<Assignment<I>>,
+    /// Strong workloads whose Raft group this node heard was formed ([`Message::Formed`]):
+    /// never formed again, even by a coordinator that hears no claim of them.
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub formed: Vec<WorkloadId>,
 }
 
 fn format_version() -> u32 {
@@ -160,6 +166,7 @@ impl<I> Default for LocalAssignments<I> {
         Self {
             version: LOCAL_ASSIGNMENTS_VERSION,
             assignments: Vec::new(),
+            formed: Vec::new(),
         }
     }
 }
@@ -328,6 +335,9 @@ pub struct Scheduler<I: NodeKey> {
     pub(crate) former: BTreeMap<I, Millis>,
     /// Recent coordinator changes (newest last).
     pub(crate) handovers: VecDeque<Handover<I>>,
+    /// Strong workloads whose Raft group was formed (see [`Message::Formed`]); only
+    /// workloads of the verified desired state (a tombstone removes its entry), persisted.
+    pub(crate) formed: BTreeSet<WorkloadId>,
     pub(crate) persist_dirty: bool,
     pub(crate) stats: Stats,
 }
@@ -381,6 +391,7 @@ impl<I: NodeKey> Scheduler<I> {
             fetching: BTreeMap::new(),
             former: BTreeMap::new(),
             handovers: VecDeque::new(),
+            formed: BTreeSet::new(),
             persist_dirty: false,
             stats: Stats::default(),
         }
@@ -596,6 +607,7 @@ impl<I: NodeKey> Scheduler<I> {
                     self.record_handover(&node, prev, now);
                 }
                 self.reassign_arc(&node, now);
+                self.tell_formed(&node, now);
                 let grace = now + self.config.takeover_grace;
                 let ws: Vec<WorkloadId> = self.coords.keys().cloned().collect();
                 for w in ws {
@@ -893,6 +905,9 @@ impl<I: NodeKey> Scheduler<I> {
         self.desired_ring.entry(ring).or_default().insert(w.clone());
         if spec.deleted {
             self.host_tombstone(&spec);
+            if self.formed.remove(&w) {
+                self.persist_dirty = true;
+            }
         }
         let mine = self.coordinator(&w).is_some_and(|c| c == self.local);
         if !mine {
@@ -926,6 +941,7 @@ impl<I: NodeKey> Scheduler<I> {
             Message::Refuse(r) => self.on_refuse(&from, r, now),
             Message::Report(r) => self.on_report(&from, r, now),
             Message::Revoke(r) => self.on_revoke(&from, &r, now),
+            Message::Formed(f) => self.on_formed(&from, f, now),
         }
     }
 
@@ -1001,6 +1017,7 @@ impl<I: NodeKey> Scheduler<I> {
         LocalAssignments {
             version: LOCAL_ASSIGNMENTS_VERSION,
             assignments,
+            formed: self.formed.iter().cloned().collect(),
         }
     }
 

@@ -153,6 +153,7 @@ fn mentions(msg: &Message<u32>, name: &str) -> bool {
         Message::Refuse(r) => &*r.workload.name == name,
         Message::Report(r) => r.workloads.iter().any(|w| &*w.workload.id.name == name),
         Message::Revoke(r) => &*r.workload.name == name,
+        Message::Formed(f) => &*f.workload.id.name == name,
     }
 }
 

@@ -600,3 +600,42 @@ fn a_host_that_never_runs_what_it_accepted_is_replaced() {
     assert_eq!(run.len(), 1, "{run:?}");
     assert_ne!(run[0].0, first, "moved off the host that never ran it");
 }
+
+#[test]
+fn only_the_coordinator_can_say_a_group_was_formed() {
+    let (mut c, _) = running_mesh();
+    // A strong workload the attacker does not coordinate: it tells every node the group was
+    // formed before the coordinator formed it (which would keep it from ever forming).
+    let mut w = spec("ledger", 3, Spread::Node);
+    w.strong = true;
+    let w = (0..)
+        .map(|i| {
+            let mut w = w.clone();
+            w.id.name = format!("ledger{i}").into();
+            w
+        })
+        .find(|w| c.coordinator(&w.id) != ATTACKER)
+        .unwrap();
+    c.specs.insert(w.id.clone(), w.clone());
+    let honest: Vec<u32> = c.alive().into_iter().filter(|n| *n != ATTACKER).collect();
+    for &n in &honest {
+        c.input(n, crate::Input::Workload(w.clone()));
+        c.inject(
+            ATTACKER,
+            n,
+            Message::Formed(crate::Formed {
+                workload: WorkloadRef::of(&w),
+            }),
+        );
+    }
+    let coord = c.coordinator(&w.id);
+    assert_eq!(c.refused(coord, ATTACKER, Refusal::NotCoordinator), 1);
+    c.run_for(2_000);
+    c.assert_exact(&w.id);
+    assert_eq!(
+        c.bootstraps.iter().filter(|b| b.2 == w.id).count(),
+        3,
+        "{:?}",
+        c.bootstraps
+    );
+}

@@ -571,6 +571,67 @@ fn a_coordinator_taking_over_before_the_hosts_notice_does_not_form_a_second_grou
 }
 
 #[test]
+fn a_strong_workload_whose_hosts_all_vanished_is_not_formed_again_empty() {
+    let mut c = uniform(7);
+    settle(&mut c);
+    let formed =
+        |c: &Cluster, w: &crate::WorkloadId| c.bootstraps.iter().filter(|b| b.2 == *w).count();
+    // A workload whose coordinator hosts none of it, nor does the coordinator's successor.
+    let (w, hosts, old) = (0..40)
+        .find_map(|i| {
+            let mut w = spec(&format!("db{i}"), 3, Spread::Node);
+            w.strong = true;
+            c.submit(w.clone());
+            c.run_for(2_000);
+            c.assert_exact(&w.id);
+            let order = c.sched(0).status_sources(&w.id, 2);
+            let hosts: BTreeSet<u32> = c.running(&w.id).into_iter().map(|r| r.0).collect();
+            (!hosts.contains(&order[0]) && !hosts.contains(&order[1]))
+                .then_some((w, hosts, order[0]))
+        })
+        .unwrap();
+    assert_eq!(formed(&c, &w.id), 3, "{:?}", c.bootstraps);
+    // Every member was told, and remembers it across a restart.
+    for n in c.alive() {
+        assert!(
+            c.sched(n).local_assignments().formed.contains(&w.id),
+            "node {n} was not told"
+        );
+    }
+    // The coordinator and every host die at once: the successor hears no claim, ever.
+    c.kill(old);
+    for h in &hosts {
+        c.kill(*h);
+    }
+    let next = c.coordinator(&w.id);
+    c.run_for(c.config.report_interval * 3);
+    assert_eq!(
+        formed(&c, &w.id),
+        3,
+        "formed again, empty: {:?}",
+        c.bootstraps
+    );
+    assert!(c.running(&w.id).is_empty(), "{:?}", c.running(&w.id));
+    let why = c
+        .sched(next)
+        .status(&w.id)
+        .unschedulable
+        .unwrap_or_default();
+    assert!(why.contains("its Raft group was formed"), "{why}");
+    // One host comes back with its replica: the group resumes, the others are replaced
+    // (they join it; it is not formed again) and the reason goes.
+    let back = *hosts.iter().next().unwrap();
+    c.revive(back, true);
+    c.run_for(c.config.report_interval * 2);
+    c.assert_exact(&w.id);
+    assert_eq!(formed(&c, &w.id), 3, "formed again: {:?}", c.bootstraps);
+    assert_eq!(
+        c.sched(c.coordinator(&w.id)).status(&w.id).unschedulable,
+        None
+    );
+}
+
+#[test]
 fn a_strong_workloads_replicas_are_replaced_one_at_a_time() {
     // Two hosts of each workload die at once; a replica takes 2 s to run.
     for strong in [true, false] {

@@ -419,6 +419,7 @@ fn p5_restore_refuses_a_newer_format() {
             LocalAssignments {
                 version: 99,
                 assignments: vec![],
+                formed: vec![],
             },
             0,
         )
