@@ -1057,6 +1057,14 @@ impl<T: RaftTransport> Groups<T> {
                     let _ = a.send(Err(e()));
                 }
             };
+            // Not the leader (any more): nothing was proposed, the callers may go elsewhere.
+            if let Err(e) = self.require_leader(g) {
+                fail(answers, &|| match &e {
+                    Exec::NotLeader(l) => Exec::NotLeader(l.clone()),
+                    Exec::Fail(f) => Exec::Fail(f.clone()),
+                });
+                continue;
+            }
             match tokio::time::timeout(limit, g.raft.client_write(proposal)).await {
                 Ok(Ok(resp)) => {
                     let results = match resp.data {
@@ -1080,6 +1088,25 @@ impl<T: RaftTransport> Groups<T> {
                     for (a, r) in answers.into_iter().zip(results) {
                         let _ = a.send(Ok(OpResult::Applied(r)));
                     }
+                }
+                // openraft also answers "forward to the leader" for an entry it had appended
+                // when this leader stepped down and its log was reverted, and another leader
+                // could still commit a copy of that entry: the outcome is unknown, and the
+                // write must not be sent to the next leader as if it had never been proposed.
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    let to = f.leader_node.map(|n| n.peer_id);
+                    fail(answers, &|| {
+                        Exec::Fail(Error::OutcomeUnknown {
+                            group: g.id.clone(),
+                            reason: format!(
+                                "this node stepped down as leader while the write of key \
+                                 {key:?} was proposed{}",
+                                to.as_ref()
+                                    .map(|l| format!("; the leader is now {l}"))
+                                    .unwrap_or_default()
+                            ),
+                        })
+                    })
                 }
                 Ok(Err(e)) => fail(answers, &|| write_error(g, e.clone())),
                 Err(_) => fail(answers, &|| {

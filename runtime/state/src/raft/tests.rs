@@ -326,6 +326,96 @@ async fn concurrent_writes_are_proposed_in_batches_each_with_its_own_result() {
     assert_eq!(got.value, b"v0");
 }
 
+/// A write the leader appended and replicated but whose acknowledgements it never got, when
+/// the leader is then cut off and another takes over (with the write in its log): the write is
+/// applied once, and its caller hears that it was applied or that its outcome is unknown.
+/// (openraft answers such a write "forward to the leader"; sending it to the new leader as if
+/// it had never been proposed applied it twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_leader_stepped_down_mid_proposal_is_applied_once() {
+    let c = Cluster::new(&[A, B, C], RaftConfig::for_tests()).await;
+    let g = group("db");
+    c.create(&g, &[A, B, C]).await;
+    let leader = c.leader(&g, &[A, B, C], Duration::from_secs(10)).await;
+    let others: Vec<&str> = [A, B, C].into_iter().filter(|p| *p != leader).collect();
+    c.node(&leader)
+        .put(&g, "k", b"v0".to_vec(), None)
+        .await
+        .unwrap();
+    let before = c.node(&leader).status(&g).await.unwrap();
+    // The followers' answers to the leader are lost: they append the write, the leader
+    // never learns that they did.
+    for o in &others {
+        c.net.cut(o, &leader);
+    }
+    let node = c.node(&leader).clone();
+    let g2 = g.clone();
+    let write = tokio::spawn(async move { node.put(&g2, "k", b"v1".to_vec(), None).await });
+    let appended = before.last_log_index.unwrap() + 1;
+    within(
+        "the followers append the write",
+        Duration::from_secs(10),
+        async {
+            loop {
+                let mut all = true;
+                for o in &others {
+                    let s = c.node(o).status(&g).await.unwrap();
+                    all &= s.last_log_index.is_some_and(|i| i >= appended);
+                }
+                if all {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    // The leader is cut off: one of the followers, which hold the write, takes over and
+    // commits it; then the old leader hears of the new term and steps down.
+    for o in &others {
+        c.net.cut(&leader, o);
+    }
+    let new = c.leader(&g, &others, Duration::from_secs(10)).await;
+    c.net.heal();
+    let answer = within("the write's answer", Duration::from_secs(10), write)
+        .await
+        .unwrap();
+    // Every node ends at the same revision: the write's, once.
+    let want = before.revision + 1;
+    within(
+        "every node applies the same",
+        Duration::from_secs(10),
+        async {
+            loop {
+                let mut revs = Vec::new();
+                for p in [A, B, C] {
+                    revs.push(c.node(p).status(&g).await.unwrap().revision);
+                }
+                if revs.iter().all(|r| *r == revs[0]) && revs[0] >= want {
+                    assert_eq!(
+                        revs[0],
+                        want,
+                        "the write was applied {} times",
+                        revs[0] - before.revision
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        c.node(&new).get(&g, "k").await.unwrap().unwrap().value,
+        b"v1"
+    );
+    match answer {
+        Ok(revision) => assert_eq!(revision, want),
+        Err(Error::OutcomeUnknown { .. }) => {}
+        Err(e) => panic!("the write's caller heard {e}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_serve_linearizable_reads_and_conditional_writes() {
     let c = Cluster::new(&[A, B, C], RaftConfig::for_tests()).await;
